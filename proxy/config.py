@@ -1,0 +1,259 @@
+"""Gateway configuration: TOML decoded by msgspec into frozen Structs.
+
+Strategy: strict config, lax requests. Every Struct forbids unknown fields (a typo is an error, not a
+silence) and gives every field a default, so old files keep loading when fields are added. Decoding
+errors are turned into a `ConfigError` whose message names the field by its TOML path
+(`tiers[0].wake.budget_s`). Cross-field rules that a type cannot express (a model served by two
+tiers, a bad upstream URL, hard cap below the budget) are checked in `validate()` with the same
+naming. Knobs that are durations end in `_s`; sizes end in `_bytes`.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import msgspec
+
+
+class ConfigError(ValueError):
+    """A configuration file that cannot be used; the message names the field."""
+
+
+class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    listen: str = "127.0.0.1:8080"
+    workers: int = 1
+    max_body_bytes: int = 8 * 1024 * 1024
+    max_head_bytes: int = 32 * 1024
+    # Downstream per-phase timeouts.
+    keepalive_idle_s: float = 75.0
+    request_head_s: float = 10.0
+    request_body_s: float = 60.0
+    write_s: float = 30.0
+    drain_s: float = 30.0
+    max_connections: int = 20000
+    reuse_port: bool = True
+
+
+class UpstreamConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    connect_s: float = 5.0
+    # A non-streaming answer arrives in one piece after generation: allow long generations.
+    first_byte_s: float = 600.0
+    between_chunks_s: float = 120.0
+    max_idle_per_host: int = 256
+    idle_keepalive_s: float = 60.0
+
+
+class AuthConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    keys_file: str | None = None
+
+
+class UsageConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    path: str | None = None
+    queue_max: int = 10000
+    batch_max: int = 500
+    flush_s: float = 0.5
+
+
+class LogConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    level: str = "info"
+    access: bool = True
+
+
+class WakeConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    provider: str = "ec2"
+    region: str = "us-east-1"
+    instance_ids: list[str] = msgspec.field(default_factory=list)
+    endpoint_url: str | None = None
+    budget_s: float = 480.0
+    hard_cap_s: float = 600.0
+    idle_s: float = 900.0
+    heartbeat_s: float = 5.0
+    max_waiters: int = 1000
+    poll_s: float = 2.0
+    fallback_instance_ids: list[str] = msgspec.field(default_factory=list)
+    fallback_launch_template: str | None = None
+    fallback_tier: str | None = None
+    interruption_queue_url: str | None = None
+
+
+class BackendConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """How the GPU hosts of a tier run vLLM (rendered by `spotinference backend render`)."""
+
+    model: str = ""
+    served_model_name: str | None = None
+    tensor_parallel_size: int = 2
+    port: int = 8000
+    max_model_len: int = 8192
+    gpu_memory_utilization: float = 0.90
+    api_key_env: str | None = None
+    extra_args: list[str] = msgspec.field(default_factory=list)
+
+
+class TierConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    name: str
+    upstreams: list[str]
+    models: list[str]
+    # Sent to vLLM as `Authorization: Bearer ...` when vLLM runs with --api-key.
+    upstream_api_key: str | None = None
+    wake: WakeConfig | None = None
+    backend: BackendConfig | None = None
+
+
+class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    server: ServerConfig = ServerConfig()
+    upstream: UpstreamConfig = UpstreamConfig()
+    auth: AuthConfig = AuthConfig()
+    usage: UsageConfig = UsageConfig()
+    log: LogConfig = LogConfig()
+    tiers: list[TierConfig] = msgspec.field(default_factory=list)
+
+
+def _toml_path(msgspec_path: str) -> str:
+    # msgspec says "`$.tiers[0].wake`"; operators read "tiers[0].wake".
+    p = msgspec_path.strip("`")
+    if p.startswith("$."):
+        p = p[2:]
+    elif p == "$":
+        p = ""
+    return p
+
+
+def _field_error(exc: msgspec.ValidationError) -> str:
+    msg = str(exc)
+    # "Object contains unknown field `lisen` - at `$.server`"
+    if " - at " in msg:
+        what, _, where = msg.rpartition(" - at ")
+        where = _toml_path(where)
+        if what.startswith("Object contains unknown field "):
+            name = what.removeprefix("Object contains unknown field ").strip("`")
+            full = f"{where}.{name}" if where else name
+            return f"unknown field '{full}'"
+        if what.startswith("Object missing required field "):
+            name = what.removeprefix("Object missing required field ").strip("`")
+            full = f"{where}.{name}" if where else name
+            return f"missing required field '{full}'"
+        return f"field '{where}': {what}"
+    return msg
+
+
+def parse_listen(value: str, field: str = "server.listen") -> tuple[str, int]:
+    """Split ``HOST:PORT`` (``[v6]:PORT`` too)."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ConfigError(f"field '{field}': expected HOST:PORT, got {value!r}")
+    n = int(port)
+    if not 0 <= n <= 65535:
+        raise ConfigError(f"field '{field}': port {n} out of range")
+    return host.strip("[]"), n
+
+
+def parse_upstream(url: str, field: str) -> tuple[str, int]:
+    """``http://host:port`` -> (host, port). Only plain HTTP: vLLM hosts sit on the private network."""
+    parts = urlsplit(url)
+    if parts.scheme != "http" or not parts.hostname:
+        raise ConfigError(f"field '{field}': expected http://HOST:PORT, got {url!r}")
+    if parts.path not in ("", "/"):
+        raise ConfigError(f"field '{field}': upstream URL must not have a path (the gateway adds /v1/...)")
+    try:
+        port = parts.port or 80
+    except ValueError:
+        raise ConfigError(f"field '{field}': bad port in {url!r}") from None
+    return parts.hostname, port
+
+
+def validate(cfg: Config) -> Config:
+    """Cross-field checks; raises ConfigError naming the field."""
+    parse_listen(cfg.server.listen)
+    positive = {
+        "server.workers": cfg.server.workers,
+        "server.max_body_bytes": cfg.server.max_body_bytes,
+        "server.max_head_bytes": cfg.server.max_head_bytes,
+        "server.keepalive_idle_s": cfg.server.keepalive_idle_s,
+        "server.request_head_s": cfg.server.request_head_s,
+        "server.request_body_s": cfg.server.request_body_s,
+        "server.write_s": cfg.server.write_s,
+        "upstream.connect_s": cfg.upstream.connect_s,
+        "upstream.first_byte_s": cfg.upstream.first_byte_s,
+        "upstream.between_chunks_s": cfg.upstream.between_chunks_s,
+    }
+    for name, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"field '{name}': must be > 0, got {value}")
+    seen_tiers: set[str] = set()
+    seen_models: dict[str, str] = {}
+    for i, tier in enumerate(cfg.tiers):
+        where = f"tiers[{i}]"
+        if not tier.name or tier.name in seen_tiers:
+            raise ConfigError(f"field '{where}.name': empty or duplicate tier name {tier.name!r}")
+        seen_tiers.add(tier.name)
+        if not tier.upstreams:
+            raise ConfigError(f"field '{where}.upstreams': a tier needs at least one upstream")
+        for j, url in enumerate(tier.upstreams):
+            parse_upstream(url, f"{where}.upstreams[{j}]")
+        if not tier.models:
+            raise ConfigError(f"field '{where}.models': a tier needs at least one model")
+        for j, model in enumerate(tier.models):
+            if model in seen_models:
+                raise ConfigError(
+                    f"field '{where}.models[{j}]': model {model!r} is already served by tier {seen_models[model]!r}"
+                )
+            seen_models[model] = tier.name
+        if tier.wake is not None:
+            w = tier.wake
+            if w.provider != "ec2":
+                raise ConfigError(f"field '{where}.wake.provider': only 'ec2' is supported, got {w.provider!r}")
+            if not w.instance_ids:
+                raise ConfigError(f"field '{where}.wake.instance_ids': at least one instance id is required")
+            if w.budget_s <= 0 or w.hard_cap_s <= 0:
+                raise ConfigError(f"field '{where}.wake.budget_s': budget_s and hard_cap_s must be > 0")
+            if w.hard_cap_s < w.budget_s:
+                raise ConfigError(f"field '{where}.wake.hard_cap_s': must be >= budget_s ({w.budget_s})")
+    for i, tier in enumerate(cfg.tiers):
+        if tier.wake is not None and tier.wake.fallback_tier is not None and tier.wake.fallback_tier not in seen_tiers:
+            raise ConfigError(f"field 'tiers[{i}].wake.fallback_tier': no tier named {tier.wake.fallback_tier!r}")
+    return cfg
+
+
+def loads(text: str) -> Config:
+    """Decode and validate TOML text."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"not valid TOML: {exc}") from None
+    try:
+        cfg = msgspec.convert(raw, Config)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(_field_error(exc)) from None
+    return validate(cfg)
+
+
+def load(path: str | Path) -> Config:
+    """Read, decode and validate a config file. Relative paths inside it resolve against its folder."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read {p}: {exc.strerror}") from None
+    cfg = loads(text)
+    base = p.resolve().parent
+
+    def rel(v: str | None) -> str | None:
+        return None if v is None else str(base / v)
+
+    return msgspec.structs.replace(
+        cfg,
+        auth=msgspec.structs.replace(cfg.auth, keys_file=rel(cfg.auth.keys_file)),
+        usage=msgspec.structs.replace(cfg.usage, path=rel(cfg.usage.path)),
+    )
+
+
+def embedded_default(upstream: str, listen: str = "127.0.0.1:8080") -> Config:
+    """The no-argument `serve`: one simulated tier `local` serving `sim-chat` (and an embedding model)."""
+    return validate(
+        Config(
+            server=ServerConfig(listen=listen),
+            tiers=[TierConfig(name="local", upstreams=[upstream], models=["sim-chat", "sim-embed"])],
+        )
+    )

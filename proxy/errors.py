@@ -1,0 +1,119 @@
+"""The OpenAI error envelope, and every error the gateway itself originates.
+
+Strategy: one exception type, `ApiError`, carries status, message, type, param, code and any extra
+response headers. Handlers raise it; the connection loop renders it with `render()` (pre-encoded
+JSON, never exception text from elsewhere). The body shape is OpenAI's:
+``{"error": {"message", "type", "param", "code"}}`` -- openai-python maps the status to its exception
+class (400 BadRequestError, 401 AuthenticationError, 403 PermissionDeniedError, 404 NotFoundError,
+413/502/503 APIStatusError, 429 RateLimitError, 5xx InternalServerError) and reads `x-should-retry`
+and `Retry-After` for its retry decision (`openai/_base_client.py: _should_retry`).
+
+Constructors below are the only place where status, type and code are paired, so they stay in sync.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+_encoder = msgspec.json.Encoder()
+
+
+class ApiError(Exception):
+    """An error response in the OpenAI envelope."""
+
+    __slots__ = ("status", "message", "type", "param", "code", "headers")
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: tuple[tuple[bytes, bytes], ...] = (),
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = headers
+
+    def body(self) -> bytes:
+        """The JSON body: ``{"error": {...}}``."""
+        return _encoder.encode(
+            {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        )
+
+    def __repr__(self) -> str:
+        return f"ApiError({self.status}, {self.type!r}, code={self.code!r}, param={self.param!r})"
+
+
+def invalid_request(message: str, param: str | None = None, code: str | None = None) -> ApiError:
+    return ApiError(400, message, "invalid_request_error", param=param, code=code)
+
+
+def invalid_api_key(message: str = "Incorrect or missing API key. Pass it as 'Authorization: Bearer <key>'.") -> ApiError:
+    return ApiError(401, message, "invalid_request_error", code="invalid_api_key")
+
+
+def permission_denied(message: str) -> ApiError:
+    return ApiError(403, message, "permission_error", code="tier_not_allowed")
+
+
+def model_not_found(model: str) -> ApiError:
+    return ApiError(
+        404,
+        f"The model '{model}' does not exist or you do not have access to it.",
+        "invalid_request_error",
+        param="model",
+        code="model_not_found",
+    )
+
+
+def not_found(path: str) -> ApiError:
+    return ApiError(404, f"Unknown request URL: {path}.", "invalid_request_error", code="unknown_url")
+
+
+def method_not_allowed(method: str, path: str) -> ApiError:
+    return ApiError(405, f"Method {method} is not allowed on {path}.", "invalid_request_error",
+                    code="method_not_allowed")
+
+
+def body_too_large(limit: int) -> ApiError:
+    return ApiError(413, f"Request body exceeds the limit of {limit} bytes.", "invalid_request_error",
+                    code="request_too_large")
+
+
+def rate_limited(message: str, retry_after_s: float, headers: tuple[tuple[bytes, bytes], ...] = ()) -> ApiError:
+    ra = str(max(1, int(retry_after_s + 0.999))).encode()
+    return ApiError(429, message, "rate_limit_error", code="rate_limit_exceeded",
+                    headers=((b"retry-after", ra),) + headers)
+
+
+def upstream_unreachable(tier: str) -> ApiError:
+    # 503: no upstream of the tier accepted a connection; the SDK retries it.
+    return ApiError(503, f"No upstream of tier '{tier}' is reachable. Try again shortly.", "server_error",
+                    code="upstream_unavailable")
+
+
+def bad_gateway(tier: str, what: str) -> ApiError:
+    return ApiError(502, f"The upstream of tier '{tier}' failed: {what}.", "server_error", code="bad_gateway")
+
+
+def upstream_timeout(tier: str, what: str) -> ApiError:
+    return ApiError(504, f"The upstream of tier '{tier}' timed out ({what}).", "server_error",
+                    code="upstream_timeout")
+
+
+def wake_timeout(tier: str, waited_s: float) -> ApiError:
+    # x-should-retry: false -- the SDK must not repeat a 10-minute wait twice more.
+    return ApiError(504, f"Tier '{tier}' did not become ready within the wake hard cap ({waited_s:.0f} s).",
+                    "server_error", code="wake_timeout", headers=((b"x-should-retry", b"false"),))
+
+
+def overloaded(message: str, retry_after_s: int) -> ApiError:
+    return ApiError(503, message, "server_error", code="overloaded",
+                    headers=((b"retry-after", str(retry_after_s).encode()),))
