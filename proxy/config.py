@@ -16,6 +16,9 @@ from urllib.parse import urlsplit
 
 import msgspec
 
+from backends.settings import BackendConfig
+from ops.settings import WakeConfig
+
 
 class ConfigError(ValueError):
     """A configuration file that cannot be used; the message names the field."""
@@ -59,36 +62,6 @@ class UsageConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 class LogConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     level: str = "info"
     access: bool = True
-
-
-class WakeConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
-    provider: str = "ec2"
-    region: str = "us-east-1"
-    instance_ids: list[str] = msgspec.field(default_factory=list)
-    endpoint_url: str | None = None
-    budget_s: float = 480.0
-    hard_cap_s: float = 600.0
-    idle_s: float = 900.0
-    heartbeat_s: float = 5.0
-    max_waiters: int = 1000
-    poll_s: float = 2.0
-    fallback_instance_ids: list[str] = msgspec.field(default_factory=list)
-    fallback_launch_template: str | None = None
-    fallback_tier: str | None = None
-    interruption_queue_url: str | None = None
-
-
-class BackendConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
-    """How the GPU hosts of a tier run vLLM (rendered by `spotinference backend render`)."""
-
-    model: str = ""
-    served_model_name: str | None = None
-    tensor_parallel_size: int = 2
-    port: int = 8000
-    max_model_len: int = 8192
-    gpu_memory_utilization: float = 0.90
-    api_key_env: str | None = None
-    extra_args: list[str] = msgspec.field(default_factory=list)
 
 
 class TierConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
