@@ -45,7 +45,8 @@ class UpstreamConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     first_byte_s: float = 600.0
     between_chunks_s: float = 120.0
     max_idle_per_host: int = 256
-    idle_keepalive_s: float = 60.0
+    # uvicorn (vLLM) drops idle keep-alive connections after 5 s: stay below it.
+    idle_keepalive_s: float = 4.0
 
 
 class AuthConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):

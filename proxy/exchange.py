@@ -1,0 +1,92 @@
+"""One request's record, from head received to the last byte: who, what, where, how long, how it ended.
+
+Strategy: handlers fill the fields as the request moves along; `finish()` runs exactly once (from the
+dispatcher's `finally`, cancellation included) and hands the record to the gateway's accounting:
+access log line, metrics, usage row. A client that vanished before the response completed is
+recorded as status 499 (nginx's convention), with whatever the upstream had reported.
+Times are `time.perf_counter()` seconds; the wall-clock timestamp is taken once at the start.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+_RID_OK = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:")
+
+
+def _request_id(headers) -> bytes:
+    for name, value in headers:
+        if name == b"x-request-id":
+            if 0 < len(value) <= 128 and all(c in _RID_OK for c in value):
+                return value
+            break
+    return os.urandom(12).hex().encode()
+
+
+class Exchange:
+    __slots__ = (
+        "gw", "client", "method", "request_id", "endpoint", "key", "model", "tier", "stream", "status",
+        "error_type", "t0", "ts", "t_upstream", "t_first_byte", "t_end", "upstream", "prompt_tokens",
+        "completion_tokens", "total_tokens", "estimated", "wake_ms", "sse_events", "charged_tokens",
+        "_done",
+    )
+
+    def __init__(self, gw, request, client: str) -> None:
+        self.gw = gw
+        self.client = client
+        self.method = request.method
+        self.request_id = _request_id(request.headers)
+        self.t0 = time.perf_counter()
+        self.ts = time.time()
+        self.endpoint = ""
+        self.key = None
+        self.model: str | None = None
+        self.tier: str | None = None
+        self.stream = False
+        self.status = 0
+        self.error_type: str | None = None
+        self.t_upstream: float | None = None   # request sent upstream
+        self.t_first_byte: float | None = None  # upstream response head received
+        self.t_end: float | None = None
+        self.upstream: str | None = None
+        self.prompt_tokens: int | None = None
+        self.completion_tokens: int | None = None
+        self.total_tokens: int | None = None
+        self.estimated = False
+        self.wake_ms: float | None = None
+        self.sse_events = 0
+        self.charged_tokens = 0
+        self._done = False
+
+    @property
+    def key_name(self) -> str | None:
+        return self.key.name if self.key is not None else None
+
+    def fail(self, err) -> None:
+        self.status = err.status
+        self.error_type = err.code or err.type
+
+    def finish(self, client_gone: bool) -> None:
+        if self._done:
+            return
+        self._done = True
+        self.t_end = time.perf_counter()
+        if self.status == 0 or (client_gone and self.status < 400):
+            self.status = 499
+            self.error_type = self.error_type or "client_closed"
+        self.gw.request_finished(self)
+
+    # -- derived timings (ms) --
+    def latency_ms(self) -> float:
+        return ((self.t_end or time.perf_counter()) - self.t0) * 1000.0
+
+    def ttfb_ms(self) -> float | None:
+        return None if self.t_first_byte is None else (self.t_first_byte - self.t0) * 1000.0
+
+    def gateway_ms(self) -> float | None:
+        """Time spent in the gateway before the upstream got the request (routing, validation, auth)
+        plus nothing of the upstream's own time; None if the request never went upstream."""
+        if self.t_upstream is None:
+            return None
+        return (self.t_upstream - self.t0) * 1000.0

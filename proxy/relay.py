@@ -1,0 +1,119 @@
+"""Relay: the upstream's response head, then its body as it arrives, to the client.
+
+Strategy: pure byte relay, no JSON on this path. h11 decodes the upstream framing (chunked for SSE)
+and re-frames downstream; the body bytes -- every SSE event -- pass unchanged and unbuffered.
+Events that h11 already has buffered are batched into one downstream write; the write happens
+before the next upstream read blocks, so nothing waits in the gateway (flow control is the
+`send_all` itself: a slow client slows the upstream read, never a queue).
+Headers: hop-by-hop ones are dropped (RFC 9110 7.6.1); `x-request-id` and the rate-limit headers
+are added; SSE responses get `Cache-Control: no-cache` and `X-Accel-Buffering: no` so an nginx in
+front does not buffer them.
+Failure after the head was sent: for SSE an in-band `data: {"error": ...}` event (openai-python
+raises APIError on it), then the connection is closed without the terminating chunk, so even a
+client that ignores error events sees a truncated stream -- never an invented `data: [DONE]`.
+"""
+
+from __future__ import annotations
+
+import time
+
+import h11
+import msgspec
+import trio
+
+from proxy.connection import ClientGone, Downstream
+from proxy.exchange import Exchange
+from proxy.upstream.connection import UpstreamClosed
+
+_DROP_RESPONSE = frozenset((
+    b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"te", b"trailer",
+    b"upgrade", b"proxy-authenticate", b"cache-control", b"x-accel-buffering",
+))
+_SSE_HEADERS = ((b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no"))
+_EVENT_STREAM = b"text/event-stream"
+
+
+def response_headers(upstream_headers, request_id: bytes, extra) -> tuple[list, bool]:
+    out = []
+    sse = False
+    for name, value in upstream_headers:
+        if name in _DROP_RESPONSE:
+            if name == b"cache-control":
+                out.append((name, value))  # kept unless SSE (replaced below)
+            continue
+        if name == b"content-type" and value.startswith(_EVENT_STREAM):
+            sse = True
+        out.append((name, value))
+    if sse:
+        out = [h for h in out if h[0] != b"cache-control"]
+        out.extend(_SSE_HEADERS)
+    out.append((b"x-request-id", request_id))
+    out.extend(extra)
+    return out, sse
+
+
+def _inband_error(message: str, code: str) -> bytes:
+    payload = msgspec.json.encode({"error": {"message": message, "type": "server_error", "param": None,
+                                             "code": code}})
+    return b"data: " + payload + b"\n\n"
+
+
+async def relay_response(gw, ds: Downstream, ex: Exchange, tier, conn, response, extra_headers, tap) -> None:
+    """Relay the response whose head is `response`; release or discard `conn`."""
+    ex.t_first_byte = time.perf_counter()
+    ex.status = response.status_code
+    headers, sse = response_headers(response.headers, ex.request_id, extra_headers)
+    dconn = ds.conn
+    between_s = gw.runtime.config.upstream.between_chunks_s
+    pool = gw.pool
+    ok = False
+    try:
+        out = dconn.send(h11.Response(status_code=response.status_code, headers=headers, reason=response.reason))
+        while True:
+            event = conn.next_event_nowait()
+            if event is h11.NEED_DATA:
+                if out:
+                    await ds.send_raw(out)
+                    out = b""
+                with trio.fail_after(between_s):
+                    await conn.receive()
+                continue
+            kind = type(event)
+            if kind is h11.Data:
+                data = event.data
+                if tap is not None:
+                    data = tap.feed(data)
+                    if not data:
+                        continue
+                out += dconn.send(h11.Data(data=data))
+            elif kind is h11.EndOfMessage:
+                if tap is not None:
+                    rest = tap.finish()
+                    if rest:
+                        out += dconn.send(h11.Data(data=rest))
+                out += dconn.send(h11.EndOfMessage())
+                ok = True
+                await ds.send_raw(out)
+                return
+    except (UpstreamClosed, h11.RemoteProtocolError, trio.TooSlowError) as exc:
+        timed_out = isinstance(exc, trio.TooSlowError)
+        ex.error_type = "upstream_timeout" if timed_out else "upstream_closed"
+        ex.status = 502 if ex.status < 400 else ex.status
+        if sse:
+            what = f"no data for {between_s:g} s" if timed_out else "the upstream closed the stream"
+            try:
+                await ds.send_raw(out + dconn.send(h11.Data(data=_inband_error(
+                    f"The upstream of tier '{tier.name}' failed mid-stream: {what}.", ex.error_type))))
+            except ClientGone:
+                pass
+        # End without the terminating chunk: the client must see an incomplete response.
+        ds.client_gone = True
+    except ClientGone:
+        pass
+    finally:
+        if tap is not None:
+            gw.tap_finished(ex, tap)
+        if ok:
+            pool.release(conn)
+        else:
+            pool.discard(conn)

@@ -1,0 +1,59 @@
+"""Routing: model name -> tier, and the tier's upstream addresses in the order to try them.
+
+Strategy: the router is built once per (re)load from the config and is read-only afterwards; the hot
+path does one dict lookup per request. A tier rotates its upstream list per request (round robin),
+so a down host is skipped by the caller's retry loop rather than by bookkeeping here. When a tier
+has a waker (ops.waker), the waker is the authority on which upstreams are routable and whether the
+tier is ready; the router only holds it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from proxy.config import Config, TierConfig, parse_upstream
+
+if TYPE_CHECKING:
+    from ops.waker import Waker
+
+
+class Tier:
+    __slots__ = ("name", "models", "urls", "addresses", "auth_header", "waker", "_rr", "config")
+
+    def __init__(self, config: TierConfig) -> None:
+        self.config = config
+        self.name = config.name
+        self.models = list(config.models)
+        self.urls = list(config.upstreams)
+        self.addresses = [parse_upstream(u, "upstream") for u in self.urls]
+        self.auth_header = (
+            (b"authorization", b"Bearer " + config.upstream_api_key.encode())
+            if config.upstream_api_key else None
+        )
+        self.waker: Waker | None = None
+        self._rr = 0
+
+    def candidates(self) -> list[tuple[str, int]]:
+        """Upstream addresses to try for one request, rotated for round robin."""
+        if self.waker is not None:
+            urls = self.waker.upstreams()
+            addrs = [parse_upstream(u, "upstream") for u in urls] if urls else []
+        else:
+            addrs = self.addresses
+        n = len(addrs)
+        if n <= 1:
+            return addrs
+        self._rr = i = (self._rr + 1) % n
+        return addrs[i:] + addrs[:i]
+
+
+class Router:
+    __slots__ = ("tiers", "by_model", "model_created")
+
+    def __init__(self, config: Config, created: int) -> None:
+        self.tiers = {t.name: Tier(t) for t in config.tiers}
+        self.by_model = {m: tier for tier in self.tiers.values() for m in tier.models}
+        self.model_created = created
+
+    def tier_for(self, model: str) -> Tier | None:
+        return self.by_model.get(model)
