@@ -1,0 +1,381 @@
+"""Reading vLLM's own token usage out of the bytes the gateway relays, without re-encoding them.
+
+Strategy: the relay stays a byte pipe; this module only looks at it.
+
+* Streams. vLLM sends one ``data: <compact JSON>\\n\\n`` event per chunk. When the request carries
+  ``stream_options.include_usage``, every ordinary chunk has ``"usage":null`` and one extra event comes
+  before ``data: [DONE]``: ``{"id":..., "choices":[], "usage":{"prompt_tokens":..,"completion_tokens":..,
+  "total_tokens":..}}`` (vLLM ``serving_chat.py`` / ``serving_completion.py``: ``final_usage_chunk`` with
+  ``choices=[]``, dumped with ``exclude_none``; OpenAI documents the same shape). A client that did not ask
+  for usage must not see that event, so the gateway injects ``include_usage`` (`inject_include_usage`) and
+  the tap removes the event again (`SseUsageTap(strip_usage_chunk=True)`); a client that asked gets the
+  stream untouched (``strip_usage_chunk=False``). With ``continuous_usage_stats`` vLLM also puts a running
+  ``usage`` object in ordinary chunks; the tap still reads only the ``choices: []`` event.
+* The tap works line by line on arbitrary split points. A line is classified as soon as its first bytes
+  allow: not a ``data:`` line, or a data line whose ``"choices"`` array starts with anything but ``]``,
+  is ordinary and flows straight through. Only an undecided partial data line (its bytes before
+  ``"choices":[`` -- vLLM puts ``id``, ``object``, ``created``, ``model`` first, ~100 bytes) or a candidate
+  line (``"choices":[]``) is held back, and only when stripping. A candidate is decoded once, when
+  complete; if it is the usage event, it and the blank line ending the event are dropped. Each input byte
+  is examined a bounded number of times (a 64-byte probe window carries matches across split points), so
+  `feed` is O(len(data)); when nothing is held or dropped it returns its argument itself, no copy.
+* Line ends are ``\\n`` (``\\r\\n`` tolerated); bare ``\\r`` line ends (legal SSE, never sent by vLLM) are not
+  split on, so such a stream passes through untouched and yields no usage.
+* Non-streaming answers: the ``usage`` object sits near the end of vLLM's JSON; `usage_from_body` finds the
+  last ``"usage":`` key in the tail it is given and decodes just that object.
+
+A literal ``"choices"`` or ``"usage"`` followed by ``:`` can only be a key: inside JSON strings quotes are
+escaped, so model output cannot fake the patterns matched here.
+"""
+
+from __future__ import annotations
+
+import re
+
+import msgspec
+
+
+class Usage(msgspec.Struct, frozen=True):
+    """Token counts as vLLM reports them (``UsageInfo``)."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class _RawUsage(msgspec.Struct):
+    # vLLM's UsageInfo has Optional completion_tokens; embeddings carry no completion_tokens at all.
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    total_tokens: int | None = None
+
+
+class _UsageChunk(msgspec.Struct):
+    choices: list[msgspec.Raw] | None = None
+    usage: _RawUsage | None = None
+
+
+_chunk_decoder = msgspec.json.Decoder(_UsageChunk)
+_usage_decoder = msgspec.json.Decoder(_RawUsage)
+
+
+def _to_usage(raw: _RawUsage) -> Usage:
+    p = raw.prompt_tokens or 0
+    c = raw.completion_tokens or 0
+    t = raw.total_tokens if raw.total_tokens is not None else p + c
+    return Usage(prompt_tokens=p, completion_tokens=c, total_tokens=t)
+
+
+# ``"choices"`` then ``:`` then ``[`` then the first significant byte: ``]`` means an empty array.
+_CHOICES = re.compile(rb'"choices"\s*:\s*\[\s*(\S)')
+_PROBE_KEEP = 64
+_HEAD_KEEP = 8
+
+# Line states.
+_START = 0  # at the first byte of a line
+_PROBE = 1  # a line not yet classified (held when stripping)
+_CAND = 2  # a data line with "choices":[] (held when stripping)
+_PASS = 3  # an ordinary line: bytes flow through until its newline
+
+
+def _payload_is_json(head: bytes) -> bool:
+    # ``data:`` then optional space then ``{``: a JSON event (not ``[DONE]``, not an empty data line).
+    return head.startswith(b"data:") and head[5:].lstrip(b" ")[:1] == b"{"
+
+
+class SseUsageTap:
+    """Watches one streamed response; optionally removes the usage-only event the gateway asked for.
+
+    ``feed(piece)`` returns the bytes to send to the client for that piece, ``finish()`` whatever was
+    held back when the upstream ends. ``usage`` is set once the usage event has been seen; ``events``
+    counts JSON data events other than the usage event (vLLM sends about one per generated token, plus
+    the opening role chunk), the basis of an estimate when usage never arrives.
+    """
+
+    __slots__ = ("usage", "events", "_strip", "_state", "_head", "_probe", "_held", "_pending", "_pending_cr")
+
+    def __init__(self, *, strip_usage_chunk: bool) -> None:
+        self.usage: Usage | None = None
+        self.events = 0
+        self._strip = strip_usage_chunk
+        self._state = _START
+        self._head = b""  # the first bytes of the current line
+        self._probe = b""  # the last bytes of an undecided line, to match across split points
+        self._held: list[bytes] = []  # the current line's bytes so far (PROBE/CAND)
+        self._pending: bytes | None = None  # stripping: a usage line waiting for the blank line after it
+        self._pending_cr = False
+
+    # -- the public surface --------------------------------------------------------------------------
+
+    def feed(self, data: bytes) -> bytes:
+        """Consume one upstream piece; return what the client should get for it."""
+        n = len(data)
+        if not n:
+            return data
+        out: list[bytes] | None = None  # stripping only: pieces, when anything is held or dropped
+        mark = 0  # data[mark:i] is still to be emitted
+        i = 0
+        find = data.find
+        while i < n:
+            if self._pending is not None:
+                # A stripped usage line: drop the blank line that ends its event; anything else means it
+                # was not a standalone event after all, so it goes out unchanged.
+                b = data[i]
+                if b == 13 and not self._pending_cr:
+                    out = self._cut(out, data, mark, i)
+                    self._pending_cr = True
+                    i += 1
+                    mark = i
+                    continue
+                if b == 10:
+                    out = self._cut(out, data, mark, i)
+                    self._pending = None
+                    self._pending_cr = False
+                    i += 1
+                    mark = i
+                    continue
+                out = self._cut(out, data, mark, i)
+                out.append(self._pending + (b"\r" if self._pending_cr else b""))
+                self._pending = None
+                self._pending_cr = False
+                mark = i
+                continue
+            nl = find(b"\n", i)
+            end = n if nl < 0 else nl + 1
+            complete = nl >= 0
+            state = self._state
+            if state == _START and complete:
+                # The common case: a whole line in this piece.
+                if data.startswith(b"data:", i):
+                    m = _CHOICES.search(data, i, end)
+                    if m is not None and m.group(1) == b"]":
+                        line = data[i:end]
+                        if self._take_usage(line):
+                            if self._strip:
+                                out = self._cut(out, data, mark, i)
+                                mark = end
+                                self._pending = line
+                        else:
+                            self._count(line)
+                    elif _payload_is_json(data[i : i + _HEAD_KEEP]):
+                        self.events += 1
+                i = end
+                continue
+            if state == _PASS:
+                if complete:
+                    self._count_head()
+                    self._end_line()
+                i = end
+                continue
+            # START with a partial line, PROBE or CAND: this line is (still) held.
+            seg = data[i:end]
+            if self._strip:
+                out = self._cut(out, data, mark, i)
+                mark = end
+            self._held.append(seg)
+            if len(self._head) < _HEAD_KEEP:
+                self._head = (self._head + seg)[:_HEAD_KEEP]
+            if state != _CAND:
+                state = self._classify(seg, complete)
+            if state == _PASS:
+                if self._strip:
+                    out.append(b"".join(self._held))  # release: an ordinary line
+                if complete:
+                    self._count_head()
+                    self._end_line()
+                else:
+                    self._held = []
+                    self._state = _PASS
+            elif complete:
+                self._complete_held(out, state)
+            else:
+                self._state = state
+            i = end
+        if out is None:
+            return data
+        out.append(data[mark:])
+        return b"".join(out)
+
+    def finish(self) -> bytes:
+        """The stream ended: return anything still held back (a trailing partial line)."""
+        if self._pending is not None:
+            # A usage event cut short of its blank line: it was still the usage event; drop it.
+            self._pending = None
+            self._pending_cr = False
+            return b""
+        if not self._held:
+            self._end_line()
+            return b""
+        line = b"".join(self._held)
+        if self._state == _CAND and self._take_usage(line):
+            self._end_line()
+            return b""
+        self._end_line()  # an unterminated line is not an event: not counted
+        return line if self._strip else b""
+
+    # -- helpers ---------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _cut(out: list[bytes] | None, data: bytes, mark: int, i: int) -> list[bytes]:
+        if out is None:
+            out = []
+        if i > mark:
+            out.append(data[mark:i])
+        return out
+
+    def _classify(self, seg: bytes, complete: bool) -> int:
+        head = self._head
+        if (len(head) >= 5 or complete) and not head.startswith(b"data:"):
+            return _PASS
+        window = self._probe + seg
+        m = _CHOICES.search(window)
+        if m is not None:
+            return _CAND if m.group(1) == b"]" else _PASS
+        if complete:
+            return _PASS  # a data line without a choices array: [DONE], an error event
+        self._probe = window[-_PROBE_KEEP:]
+        return _PROBE
+
+    def _complete_held(self, out: list[bytes] | None, state: int) -> None:
+        line = b"".join(self._held)
+        if state == _CAND and self._take_usage(line):
+            if self._strip:
+                self._pending = line
+        else:
+            if self._strip:
+                out.append(line)  # type: ignore[union-attr]
+            self._count(line)
+        self._end_line()
+
+    def _take_usage(self, line: bytes) -> bool:
+        payload = line[5:].strip()
+        try:
+            chunk = _chunk_decoder.decode(payload)
+        except msgspec.DecodeError:
+            return False
+        if chunk.choices is None or chunk.choices or chunk.usage is None:
+            return False
+        self.usage = _to_usage(chunk.usage)
+        return True
+
+    def _count(self, line: bytes) -> None:
+        if _payload_is_json(line[:_HEAD_KEEP]):
+            self.events += 1
+
+    def _count_head(self) -> None:
+        if _payload_is_json(self._head):
+            self.events += 1
+
+    def _end_line(self) -> None:
+        self._state = _START
+        self._head = b""
+        self._probe = b""
+        if self._held:
+            self._held = []
+
+
+def usage_from_body(body_tail: bytes) -> Usage | None:
+    """vLLM's ``usage`` object from the end of a non-streaming JSON answer (or the whole answer).
+
+    Finds the last ``"usage"`` key followed by ``:`` and decodes only the object after it, so a long
+    completion is never decoded. Returns None when the tail holds no complete usage object.
+    """
+    pos = len(body_tail)
+    while True:
+        k = body_tail.rfind(b'"usage"', 0, pos)
+        if k < 0:
+            return None
+        j = k + 7
+        n = len(body_tail)
+        while j < n and body_tail[j] in b" \t\r\n":
+            j += 1
+        if j < n and body_tail[j] == 58:  # ':'
+            j += 1
+            while j < n and body_tail[j] in b" \t\r\n":
+                j += 1
+            if j < n and body_tail[j] == 123:  # '{'
+                end = _object_end(body_tail, j)
+                if end < 0:
+                    return None
+                try:
+                    return _to_usage(_usage_decoder.decode(body_tail[j:end]))
+                except msgspec.DecodeError:
+                    return None
+            return None  # "usage": null
+        pos = k
+
+
+def _object_end(buf: bytes, start: int) -> int:
+    # End (exclusive) of the JSON object starting at buf[start] == '{'; strings are skipped whole.
+    depth = 0
+    i = start
+    n = len(buf)
+    while i < n:
+        c = buf[i]
+        if c == 34:  # '"'
+            i += 1
+            while i < n:
+                c = buf[i]
+                if c == 92:  # backslash
+                    i += 2
+                    continue
+                if c == 34:
+                    break
+                i += 1
+        elif c == 123:
+            depth += 1
+        elif c == 125:
+            depth -= 1
+            if depth == 0:
+                return i + 1
+        i += 1
+    return -1
+
+
+# -- request side ------------------------------------------------------------------------------------
+
+_INSERT = b'"stream_options":{"include_usage":true}'
+_WS = b" \t\r\n"
+
+
+def inject_include_usage(body: bytes) -> bytes | None:
+    """Return `body` with ``stream_options.include_usage = true`` set, or None if that is not safe.
+
+    For a streaming request whose client did not ask for usage. When ``"stream_options"`` does not occur
+    in the body, the member is inserted right after the opening brace and every other byte stays as sent.
+    Otherwise the body is decoded, the option set, and re-encoded (key order kept). None when the body is
+    not a JSON object or ``stream_options`` is neither an object nor null: the caller then forwards the
+    original body, and vLLM answers it as it would have. A body that already asks for usage is returned
+    as is. The body must already be known to be JSON (the request schema decoded it): the fast path
+    does not validate it again.
+    """
+    if b'"stream_options"' not in body:
+        i = 0
+        n = len(body)
+        while i < n and body[i] in _WS:
+            i += 1
+        if i >= n or body[i] != 123:  # '{'
+            return None
+        j = i + 1
+        while j < n and body[j] in _WS:
+            j += 1
+        if j >= n:
+            return None
+        sep = b"" if body[j] == 125 else b","  # '{}' takes no comma
+        return body[: i + 1] + _INSERT + sep + body[i + 1 :]
+    try:
+        obj = msgspec.json.decode(body)
+    except msgspec.DecodeError:
+        return None
+    if not isinstance(obj, dict):
+        return None
+    opts = obj.get("stream_options")
+    if opts is None:
+        obj["stream_options"] = {"include_usage": True}
+    elif isinstance(opts, dict):
+        if opts.get("include_usage") is True:
+            return body
+        opts["include_usage"] = True
+    else:
+        return None
+    return msgspec.json.encode(obj)
