@@ -90,13 +90,14 @@ class Gateway:
         return b"text/plain; version=0.0.4; charset=utf-8", ("\n".join(lines) + "\n").encode()
 
 
-async def run_gateway(config: Config, *, runtime: Runtime | None = None,
+async def run_gateway(config: Config, *, gateway: Gateway | None = None,
                       task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Serve the gateway for `config` until cancelled; `task_status.started((host, port))`."""
+    """Serve the gateway for `config` until cancelled; `task_status.started((host, port))`.
+    Pass `gateway` to keep a handle on it (tests, the supervisor's workers)."""
     from proxy.server import serve_tcp
 
-    runtime = runtime or build_runtime(config)
-    gw = Gateway(runtime)
+    gw = gateway or Gateway(build_runtime(config))
+    runtime = gw.runtime
     try:
         async with trio.open_nursery() as nursery:
             address = await nursery.start(serve_tcp, gw, config.server)
