@@ -21,9 +21,10 @@ import trio
 from proxy import errors
 from proxy.connection import ClientGone, Downstream
 from proxy.exchange import Exchange
-from proxy.relay import relay_response
+from proxy.relay import end_stream_with_error, relay_response
 from proxy.schemas import DECODERS
 from proxy.upstream.connection import UpstreamClosed
+from proxy.wake import remaining_s, wait_for_tier, wake_header
 
 # Never forwarded upstream: hop-by-hop (RFC 9110 7.6.1), ours to set, or the client's gateway key.
 _DROP_REQUEST = frozenset((
@@ -103,16 +104,43 @@ async def forward_inference(gw, ds: Downstream, ex: Exchange, request, key, rest
 
 
 async def _exchange(gw, ds: Downstream, ex: Exchange, tier, request, body: bytes, extra_headers, tap) -> None:
-    """Runs under Downstream.watch: handles its own errors, leaves only Cancelled to propagate."""
+    """Runs under Downstream.watch: handles its own errors, leaves only Cancelled to propagate.
+    With a waker: wait while the tier sleeps; a tier that refuses every connection is reported to the
+    waker and waited for again, all within the request's one hard cap."""
+    waker = tier.waker
+    head_sent = False
     try:
-        conn, response = await open_upstream(gw, ex, tier, request, body)
+        while True:
+            if waker is not None and not waker.is_ready():
+                head_sent = await wait_for_tier(ds, ex, tier, stream=ex.stream, head_sent=head_sent,
+                                                extra_headers=extra_headers)
+            try:
+                conn, response = await open_upstream(gw, ex, tier, request, body)
+                break
+            except errors.ApiError as err:
+                if (waker is None or err.code != "upstream_unavailable"
+                        or remaining_s(ex, waker.settings.hard_cap_s) <= 0):
+                    raise
+                for url in waker.upstreams() or tier.urls:
+                    waker.report_unreachable(url)
+                await trio.sleep(min(waker.settings.poll_s, max(0.0, remaining_s(ex, waker.settings.hard_cap_s))))
     except errors.ApiError as err:
         ex.fail(err)
-        for h in extra_headers:
-            err.headers += (h,)
+        if head_sent:
+            await end_stream_with_error(ds, err)
+            return
+        err.headers += tuple(extra_headers)
+        wh = wake_header(ex)
+        if wh is not None:
+            err.headers += (wh,)
         await _send_error_quietly(ds, err, ex)
         return
-    await relay_response(gw, ds, ex, tier, conn, response, extra_headers, tap)
+    except ClientGone:
+        return
+    wh = wake_header(ex)
+    if wh is not None:
+        extra_headers = (*extra_headers, wh)
+    await relay_response(gw, ds, ex, tier, conn, response, extra_headers, tap, head_sent=head_sent)
 
 
 async def _send_error_quietly(ds: Downstream, err, ex: Exchange) -> None:

@@ -21,6 +21,7 @@ import h11
 import msgspec
 import trio
 
+from proxy import errors
 from proxy.connection import ClientGone, Downstream
 from proxy.exchange import Exchange
 from proxy.upstream.connection import UpstreamClosed
@@ -58,8 +59,33 @@ def _inband_error(message: str, code: str) -> bytes:
     return b"data: " + payload + b"\n\n"
 
 
-async def relay_response(gw, ds: Downstream, ex: Exchange, tier, conn, response, extra_headers, tap) -> None:
-    """Relay the response whose head is `response`; release or discard `conn`."""
+async def end_stream_with_error(ds: Downstream, err) -> None:
+    """A stream whose 200 head is already out fails: in-band error event, then abort (no last chunk)."""
+    try:
+        await ds.send_raw(ds.conn.send(h11.Data(data=_inband_error(err.message, err.code or err.type))))
+    except ClientGone:
+        pass
+    ds.client_gone = True
+
+
+async def _upstream_error_body(conn, between_s: float, limit: int = 65536) -> bytes:
+    parts = []
+    size = 0
+    with trio.move_on_after(between_s):
+        while size < limit:
+            event = await conn.next_event()
+            if type(event) is not h11.Data:
+                break
+            parts.append(event.data)
+            size += len(event.data)
+    return b"".join(parts)[:limit]
+
+
+async def relay_response(gw, ds: Downstream, ex: Exchange, tier, conn, response, extra_headers, tap, *,
+                         head_sent: bool = False) -> None:
+    """Relay the response whose head is `response`; release or discard `conn`. With `head_sent`
+    (a stream that waited for a wake got its 200 head early) only the body is relayed, and an
+    upstream error status becomes an in-band error event."""
     ex.t_first_byte = time.perf_counter()
     ex.status = response.status_code
     headers, sse = response_headers(response.headers, ex.request_id, extra_headers)
@@ -67,8 +93,23 @@ async def relay_response(gw, ds: Downstream, ex: Exchange, tier, conn, response,
     between_s = gw.runtime.config.upstream.between_chunks_s
     pool = gw.pool
     ok = False
+    if head_sent:
+        if response.status_code != 200:
+            try:
+                detail = await _upstream_error_body(conn, between_s)
+            except UpstreamClosed:
+                detail = b""
+            finally:
+                pool.discard(conn)
+            ex.error_type = "upstream_error"
+            message = detail.decode("utf-8", "replace")[:2000] or f"upstream status {response.status_code}"
+            await end_stream_with_error(ds, errors.ApiError(response.status_code, message, "server_error",
+                                                            code="upstream_error"))
+            return
+        sse = True
     try:
-        out = dconn.send(h11.Response(status_code=response.status_code, headers=headers, reason=response.reason))
+        out = b"" if head_sent else dconn.send(
+            h11.Response(status_code=response.status_code, headers=headers, reason=response.reason))
         while True:
             event = conn.next_event_nowait()
             if event is h11.NEED_DATA:
