@@ -158,6 +158,11 @@ def _insert(conn: sqlite3.Connection, values: list[tuple]) -> None:
         raise
 
 
+def insert_rows(conn: sqlite3.Connection, rows: list[UsageRow]) -> None:
+    """Insert rows in one transaction on a connection from `connect`. Blocking (tools and tests)."""
+    _insert(conn, [_values(r, None) for r in rows])
+
+
 def import_spill_file(conn: sqlite3.Connection, spill_path: str) -> int:
     """Insert the rows of one spill file, then remove it. Returns the rows read. Blocking.
 
