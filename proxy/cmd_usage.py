@@ -66,7 +66,8 @@ def report(path: str, since_s: float | None, by: str, now: float | None = None) 
         groups: dict[Any, dict[str, Any]] = {}
         try:
             for g, req, err, pt, ct, est, nlat in conn.execute(
-                f"SELECT {col}, count(*), sum(status >= 400), total(prompt_tokens), total(completion_tokens), "
+                f"SELECT {col}, count(*), sum(status >= 400), total(prompt_tokens), "
+                f"total(completion_tokens), "
                 f"sum(estimated), count(latency_ms) FROM usage WHERE ts >= ? GROUP BY {col}",
                 (cutoff,),
             ):

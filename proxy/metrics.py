@@ -101,7 +101,7 @@ def render_directory(path: str) -> tuple[bytes, bytes]:
 
 
 class _Source:
-    __slots__ = ("name", "fn", "label", "last")
+    __slots__ = ("fn", "label", "last", "name")
 
     def __init__(self, name: str, fn: Callable[[], Any], label: str | None) -> None:
         self.name = name

@@ -92,7 +92,7 @@ def format_duration(seconds: float) -> str:
 
 
 class _Bucket:
-    __slots__ = ("cap", "rate", "level", "stamp")
+    __slots__ = ("cap", "level", "rate", "stamp")
 
     def __init__(self, cap: float, now: float) -> None:
         self.cap = cap
@@ -104,15 +104,14 @@ class _Bucket:
         dt = now - self.stamp
         if dt > 0:
             level = self.level + dt * self.rate
-            self.level = level if level < self.cap else self.cap
+            self.level = min(self.cap, level)
         self.stamp = now
 
     def set_limit(self, cap: float) -> None:
         # A reloaded limit: keep what was used, within the new capacity.
         self.cap = cap
         self.rate = cap / _MINUTE
-        if self.level > cap:
-            self.level = cap
+        self.level = min(self.level, cap)
 
     def wait_for(self, amount: float) -> float:
         """Seconds until the level reaches `amount` (0 if it already has)."""
@@ -157,7 +156,7 @@ class RateLimiter:
                 wait, exceeded, limit = w, "requests", rb.cap
         if tb is not None:
             # A request above the whole limit needs a full bucket, not an impossible one.
-            need = tokens_estimate if tokens_estimate < tb.cap else tb.cap
+            need = min(tb.cap, tokens_estimate)
             w = tb.wait_for(need)
             if w > wait:
                 wait, exceeded, limit = w, "tokens", tb.cap
@@ -179,7 +178,7 @@ class RateLimiter:
             return
         tb.refill(self._clock())
         level = tb.level + (charged - actual)
-        tb.level = level if level < tb.cap else tb.cap
+        tb.level = min(tb.cap, level)
 
     def forget(self, key_name: str) -> None:
         """Drop a key's buckets (a revoked key)."""

@@ -264,7 +264,7 @@ class UsageLog:
     # -- the writer ----------------------------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Open the database, import spilled rows, then write batches until cancelled; flush on the way out."""
+        """Open the database, import spilled rows, write batches until cancelled; flush on the way out."""
         try:
             self._close_spill_fd()
             self._opening = True
@@ -372,7 +372,8 @@ class UsageLog:
                 view = view[os.write(self._spill_fd, view):]
         except OSError as exc:
             self._lost += len(rows)
-            log.error("usage: %d rows lost: cannot append to %s: %s", len(rows), self.spill_path, exc.strerror)
+            log.error("usage: %d rows lost: cannot append to %s: %s", len(rows), self.spill_path,
+                      exc.strerror)
             return
         self._spilled += len(rows)
 

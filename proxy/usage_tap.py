@@ -92,7 +92,7 @@ class SseUsageTap:
     the opening role chunk), the basis of an estimate when usage never arrives.
     """
 
-    __slots__ = ("usage", "events", "_strip", "_state", "_head", "_probe", "_held", "_pending", "_pending_cr")
+    __slots__ = ("_head", "_held", "_pending", "_pending_cr", "_probe", "_state", "_strip", "events", "usage")
 
     def __init__(self, *, strip_usage_chunk: bool) -> None:
         self.usage: Usage | None = None

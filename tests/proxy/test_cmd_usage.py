@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import sqlite3
 import time
 
 import pytest
@@ -31,7 +32,8 @@ def db(tmp_path) -> str:
         ))
     # bob: 2 recent on a100x2 and 3 old ones (3 days ago) on h100x2.
     for i in range(2):
-        rows.append(UsageRow(ts=now - 2 * HOUR, request_id=f"b{i}", key_name="bob", model="llama", tier="a100x2",
+        rows.append(UsageRow(ts=now - 2 * HOUR, request_id=f"b{i}", key_name="bob", model="llama",
+                             tier="a100x2",
                              endpoint="/v1/completions", status=200, prompt_tokens=7, completion_tokens=3,
                              latency_ms=5.0))
     for i in range(3):
@@ -94,18 +96,17 @@ def test_table_default(db, capsys) -> None:
 
 
 def test_missing_and_corrupt_databases_exit_2(tmp_path, capsys) -> None:
-    code, out, err = run(capsys, "--db", str(tmp_path / "nope.sqlite3"))
+    code, _, err = run(capsys, "--db", str(tmp_path / "nope.sqlite3"))
     assert code == 2 and "no usage database" in err and "Traceback" not in err
     assert not (tmp_path / "nope.sqlite3").exists()  # a report never creates a database
     bad = tmp_path / "bad.sqlite3"
     bad.write_bytes(b"this is not sqlite" * 100)
-    code, out, err = run(capsys, "--db", str(bad))
+    code, _, err = run(capsys, "--db", str(bad))
     assert code == 2 and "not a readable usage database" in err
-    import sqlite3
     other = tmp_path / "other.sqlite3"
     with sqlite3.connect(other) as c:
         c.execute("CREATE TABLE t (x)")
-    code, out, err = run(capsys, "--db", str(other))
+    code, _, err = run(capsys, "--db", str(other))
     assert code == 2 and "not a readable usage database" in err
 
 

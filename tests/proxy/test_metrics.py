@@ -43,10 +43,10 @@ def test_render_after_hot_path_calls(monkeypatch) -> None:
     ctype, body = m.render()
     assert ctype.startswith(b"text/plain")
     s = samples(body)
-    lbl = dict(model="qwen3-coder", tier="h100x2", endpoint="/v1/chat/completions")
+    lbl = {"model": "qwen3-coder", "tier": "h100x2", "endpoint": "/v1/chat/completions"}
     assert value(s, "spotinference_requests_total", status="200", **lbl) == 3
     assert value(s, "spotinference_requests_total", status="429", **lbl) == 1
-    ep = dict(endpoint="/v1/chat/completions")
+    ep = {"endpoint": "/v1/chat/completions"}
     assert value(s, "spotinference_gateway_latency_seconds_count", **ep) == 4
     assert value(s, "spotinference_gateway_latency_seconds_bucket", le="5e-05", **ep) == 1
     assert value(s, "spotinference_gateway_latency_seconds_bucket", le="0.00015", **ep) == 4
@@ -140,7 +140,7 @@ def test_multiprocess_aggregation_across_two_processes(tmp_path) -> None:
     assert a.wait(timeout=120) == 0 and b.wait(timeout=120) == 0
     # A third worker answers the scrape: it sees everyone's values plus its own.
     s = samples(run_worker(env, "1", "render").stdout)
-    lbl = dict(model="sim-chat", tier="local", endpoint="/v1/chat/completions")
+    lbl = {"model": "sim-chat", "tier": "local", "endpoint": "/v1/chat/completions"}
     assert value(s, "spotinference_requests_total", status="200", **lbl) == 5 + 7 + 1
     assert value(s, "spotinference_requests_total", status="502", **lbl) == 3
     assert value(s, "spotinference_gateway_latency_seconds_count", endpoint="/v1/chat/completions") == 16

@@ -8,17 +8,19 @@ import sqlite3
 
 import pytest
 import trio
+import trio.lowlevel
 
 from proxy.usage import SCHEMA_VERSION, UsageLog, UsageRow, UsageSchemaError, recover_spills
 
 
 def row(i: int, **kw) -> UsageRow:
-    base = dict(
-        ts=1_700_000_000.0 + i, request_id=f"req-{i}", key_name=f"key{i % 3}", model="qwen3-coder",
-        tier="h100x2", endpoint="/v1/chat/completions", stream=bool(i % 2), status=200,
-        prompt_tokens=10 + i, completion_tokens=i, total_tokens=10 + 2 * i, estimated=False,
-        ttfb_ms=1.5, latency_ms=20.0 + i, wake_ms=None, upstream="10.0.1.5:8000", error_type=None,
-    )
+    base = {
+        "ts": 1_700_000_000.0 + i, "request_id": f"req-{i}", "key_name": f"key{i % 3}",
+        "model": "qwen3-coder", "tier": "h100x2", "endpoint": "/v1/chat/completions",
+        "stream": bool(i % 2), "status": 200, "prompt_tokens": 10 + i, "completion_tokens": i,
+        "total_tokens": 10 + 2 * i, "estimated": False, "ttfb_ms": 1.5, "latency_ms": 20.0 + i,
+        "wake_ms": None, "upstream": "10.0.1.5:8000", "error_type": None,
+    }
     base.update(kw)
     return UsageRow(**base)
 
@@ -26,6 +28,16 @@ def row(i: int, **kw) -> UsageRow:
 def count(path: str) -> int:
     with sqlite3.connect(path) as c:
         return c.execute("SELECT count(*) FROM usage").fetchone()[0]
+
+
+def read_lines(path: str) -> list[bytes]:
+    with open(path, "rb") as f:
+        return f.read().splitlines()
+
+
+def append(path: str, data: bytes) -> None:
+    with open(path, "ab") as f:
+        f.write(data)
 
 
 def ids(path: str) -> list[str]:
@@ -42,7 +54,7 @@ async def test_thousands_of_rows_round_trip(tmp_path) -> None:
             for i in range(5000):
                 log.record(row(i))
                 if i % 97 == 0:
-                    await trio.sleep(0)
+                    await trio.lowlevel.checkpoint()
             await log.wait_flushed()
             st = log.statistics()
             assert st.written_total == 5000 and st.queued == 0 and st.spilled_total == 0
@@ -71,7 +83,8 @@ async def test_shutdown_flushes_everything_queued(tmp_path) -> None:
             await nursery.start(log.run)
             for i in range(2500):
                 log.record(row(i))
-            await trio.sleep(0)  # the writer starts a batch: cancellation arrives with one in flight
+            # The writer starts a batch: cancellation arrives with one in flight.
+            await trio.lowlevel.checkpoint()
             nursery.cancel_scope.cancel()
     assert count(db) == 2500
     assert ids(db) == [f"req-{i}" for i in range(2500)]  # in order, once each
@@ -94,8 +107,7 @@ async def test_full_queue_spills_and_counts_then_start_imports(tmp_path) -> None
         log.record(row(i))
     st = log.statistics()
     assert (st.queued, st.spilled_total) == (10, 15)
-    with open(db + ".spill.jsonl", "rb") as f:
-        lines = f.read().splitlines()
+    lines = read_lines(db + ".spill.jsonl")
     assert len(lines) == 15 and b"req-10" in lines[0] and b"secret" not in lines[0]
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
@@ -172,8 +184,7 @@ async def test_torn_spill_line_is_skipped(tmp_path) -> None:
     log.record(row(1))
     log.record(row(2))
     log._close_spill_fd()
-    with open(db + ".spill.jsonl", "ab") as f:
-        f.write(b'{"uid":"x","row":{"ts":1.0,"req')  # a crash mid-line
+    append(db + ".spill.jsonl", b'{"uid":"x","row":{"ts":1.0,"req')  # a crash mid-line
     assert recover_spills(db) == 2
     assert sorted(ids(db)) == ["req-1", "req-2"]
 
@@ -188,7 +199,7 @@ async def test_two_workers_share_one_database(tmp_path) -> None:
             for i in range(1000):
                 logs[i % 2].record(row(i))
                 if i % 50 == 0:
-                    await trio.sleep(0)
+                    await trio.lowlevel.checkpoint()
             for lg in logs:
                 await lg.wait_flushed()
             nursery.cancel_scope.cancel()

@@ -7,6 +7,7 @@ carrying the usage object before ``data: [DONE]``.
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 
@@ -54,7 +55,7 @@ def run_tap(pieces: list[bytes], strip: bool) -> tuple[bytes, SseUsageTap]:
 
 def split_at(data: bytes, *cuts: int) -> list[bytes]:
     bounds = [0, *cuts, len(data)]
-    return [data[a:b] for a, b in zip(bounds, bounds[1:])]
+    return [data[a:b] for a, b in itertools.pairwise(bounds)]
 
 
 @pytest.mark.parametrize("strip", [True, False])
