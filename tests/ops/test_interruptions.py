@@ -1,0 +1,83 @@
+"""ops.interruptions: EventBridge notice parsing, and the SQS poller against moto's SQS server."""
+
+from __future__ import annotations
+
+import json
+
+import trio
+
+from ops.ec2 import Clients
+from ops.interruptions import InterruptionQueue, Notice, parse_notice, poll_notices
+from tests.ops.aws import aws_url, client, moto_url  # noqa: F401
+
+
+def spot_warning(instance_id: str, action: str = "terminate") -> str:
+    """The event EventBridge delivers ~2 minutes before a spot interruption (EC2 user guide shape)."""
+    return json.dumps({
+        "version": "0", "id": "1e5527d7-bb36-4607-3370-4164db56a40e",
+        "detail-type": "EC2 Spot Instance Interruption Warning", "source": "aws.ec2",
+        "account": "123456789012", "time": "2026-11-22T01:00:00Z", "region": "us-east-1",
+        "resources": [f"arn:aws:ec2:us-east-1:123456789012:instance/{instance_id}"],
+        "detail": {"instance-id": instance_id, "instance-action": action},
+    })
+
+
+def rebalance(instance_id: str) -> str:
+    return json.dumps({
+        "version": "0", "id": "0d0e5ec0-2d1c-4b4a-8e0e-5a0a7f3c0a11",
+        "detail-type": "EC2 Instance Rebalance Recommendation", "source": "aws.ec2",
+        "account": "123456789012", "time": "2026-11-22T01:00:00Z", "region": "us-east-1",
+        "resources": [f"arn:aws:ec2:us-east-1:123456789012:instance/{instance_id}"],
+        "detail": {"instance-id": instance_id},
+    })
+
+
+def test_parse_spot_warning_and_rebalance() -> None:
+    assert parse_notice(spot_warning("i-0abc", "stop")) == Notice("interruption", "i-0abc", "stop",
+                                                                   "2026-11-22T01:00:00Z")
+    assert parse_notice(rebalance("i-0abc").encode()) == Notice("rebalance", "i-0abc", None, "2026-11-22T01:00:00Z")
+
+
+def test_parse_sns_envelope() -> None:
+    body = json.dumps({"Type": "Notification", "MessageId": "x", "Message": spot_warning("i-0def")})
+    assert parse_notice(body) == Notice("interruption", "i-0def", "terminate", "2026-11-22T01:00:00Z")
+
+
+def test_parse_rejects_everything_else() -> None:
+    other = json.loads(spot_warning("i-0abc"))
+    other["detail-type"] = "EC2 Instance State-change Notification"
+    spoofed = json.loads(spot_warning("i-0abc"))
+    spoofed["source"] = "my.app"
+    no_id = json.loads(spot_warning("i-0abc"))
+    no_id["detail"] = {"instance-action": "stop"}
+    for body in ("", "not json", "[]", "42", json.dumps(other), json.dumps(spoofed), json.dumps(no_id),
+                 json.dumps({"Type": "Notification", "Message": "{broken"})):
+        assert parse_notice(body) is None, body
+
+
+async def test_poller_hands_over_ours_and_deletes_handled(aws_url: str) -> None:
+    sqs = client(aws_url, "sqs")
+    url = sqs.create_queue(QueueName="interruptions")["QueueUrl"]
+    for body in (spot_warning("i-0000000000000000a"), rebalance("i-0000000000000000b"), "junk"):
+        sqs.send_message(QueueUrl=url, MessageBody=body)
+    seen: list[Notice] = []
+
+    def handle(notice: Notice) -> bool:
+        seen.append(notice)
+        return notice.instance_id == "i-0000000000000000a"  # the other one belongs to another tier
+
+    queue = InterruptionQueue(Clients("us-east-1", aws_url), url)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lambda: poll_notices(queue, handle, limiter=trio.CapacityLimiter(1),
+                                                    wait_s=0, poll_s=0.05))
+            while len(seen) < 2:
+                await trio.sleep(0.05)
+            await trio.sleep(0.2)
+            nursery.cancel_scope.cancel()
+    assert sorted(n.kind for n in seen) == ["interruption", "rebalance"]
+    attrs = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["ApproximateNumberOfMessages",
+                                                                   "ApproximateNumberOfMessagesNotVisible"])
+    # Left in the queue: only the other tier's rebalance notice (in flight until its visibility timeout).
+    assert int(attrs["Attributes"]["ApproximateNumberOfMessagesNotVisible"]) == 1
+    assert int(attrs["Attributes"]["ApproximateNumberOfMessages"]) == 0
