@@ -257,8 +257,9 @@ class Metrics:
                 prev = src.last.get((lv, fname), 0.0)
                 delta = value - prev if value >= prev else value  # a smaller value: the source was replaced
                 src.last[(lv, fname)] = value
+                child = metric.labels(*labelvalues) if labelvalues else metric  # exists from 0 on
                 if delta > 0:
-                    (metric.labels(*labelvalues) if labelvalues else metric).inc(delta)
+                    child.inc(delta)
                 continue
             mode = "livemax" if isinstance(value, float) else "livesum"
             metric = self._mirror_metric(name, Gauge, labelnames, mode)
