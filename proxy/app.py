@@ -10,16 +10,21 @@ through `task_status`, and serves until cancelled.
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import NamedTuple
 
 import trio
 
-from proxy import logs
+from proxy import errors, logs
 from proxy.config import Config
+from proxy.handlers import dispatch
 from proxy.keys import KeyStore
+from proxy.ratelimit import RateLimiter
 from proxy.tiers import Router
 from proxy.upstream.pool import Pool
+from proxy.usage import UsageLog, UsageRow
+from proxy.usage_tap import BodyTail, SseUsageTap, inject_include_usage
 
 
 class Runtime(NamedTuple):
@@ -38,59 +43,110 @@ def build_runtime(config: Config, *, created: int | None = None) -> Runtime:
 
 
 class Gateway:
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: Runtime, *, workers: int = 1) -> None:
+        from proxy.metrics import Metrics
+
         self.runtime = runtime
         up = runtime.config.upstream
         self.pool = Pool(max_idle_per_host=up.max_idle_per_host, idle_keepalive_s=up.idle_keepalive_s)
+        self.metrics = Metrics()
+        self.limiter = RateLimiter(time.monotonic)
+        self.workers = max(1, workers)  # each worker enforces its share of a key's limits
+        self.usage = None  # UsageLog, started by run_gateway when [usage] path is set
         self.open_connections = 0
-        self.open_streams = 0
-        self.requests_total = 0
+        self.metrics.register_stats_source("upstream_pool", self.pool.statistics)
 
     # -- request path hooks ---------------------------------------------------------------------
     async def dispatch(self, ds, request) -> None:
-        from proxy.handlers import dispatch
-
         await dispatch(self, ds, request)
 
     def admit(self, ex, key, view, body: bytes):
-        """Rate limits and usage accounting set-up: (extra response headers, body to send, SSE tap)."""
-        return (), body, None
+        """Rate limits and usage set-up: (extra response headers, body to send upstream, SSE tap).
+        Raises ApiError 429 when the key is over its limits."""
+        headers = ()
+        if key is not None and (key.rpm is not None or key.tpm is not None):
+            estimate = view.estimate_prompt_tokens(len(body)) + (view.max_output_tokens() or 0)
+            w = self.workers
+            adm = self.limiter.admit(key.name, None if key.rpm is None else key.rpm / w,
+                                     None if key.tpm is None else key.tpm / w, estimate)
+            if not adm.allowed:
+                raise errors.rate_limited(adm.message(key.name), adm.retry_after_s, adm.headers)
+            ex.charged_tokens = estimate if key.tpm is not None else 0
+            headers = adm.headers
+        tap = None
+        if view.stream:
+            if view.include_usage:
+                tap = SseUsageTap(strip_usage_chunk=False)
+            else:
+                # vLLM reports token counts only when asked: ask, and hide the answer from the client.
+                injected = inject_include_usage(body)
+                if injected is not None:
+                    body = injected
+                tap = SseUsageTap(strip_usage_chunk=injected is not None)
+        else:
+            tap = BodyTail()
+        return headers, body, tap
 
     def tap_finished(self, ex, tap) -> None:
-        pass
+        usage = tap.usage
+        if usage is not None:
+            ex.prompt_tokens = usage.prompt_tokens
+            ex.completion_tokens = usage.completion_tokens
+            ex.total_tokens = usage.total_tokens
+        elif ex.stream and tap.events:
+            ex.completion_tokens = tap.events  # roughly one event per token; flagged as estimated
+            ex.estimated = True
 
     def upstream_failed(self, tier, address) -> None:
         logs.event("upstream_unreachable", level="warning", tier=tier.name, upstream=f"{address[0]}:{address[1]}")
 
     def request_finished(self, ex) -> None:
-        self.requests_total += 1
+        key_name = ex.key.name if ex.key is not None else None
+        if ex.charged_tokens:
+            self.limiter.reconcile(key_name, ex.charged_tokens, ex.total_tokens or 0)
+        latency_ms = ex.latency_ms()
+        ttfb_ms = ex.ttfb_ms()
+        gateway_ms = ex.gateway_ms()
+        if gateway_ms is not None and ex.wake_ms:
+            gateway_ms = max(0.0, gateway_ms - ex.wake_ms)
+        tier = ex.tier or "-"
+        model = ex.model if ex.tier is not None else "-"  # only configured names become labels
+        self.metrics.request_done(
+            ex.status, model, tier, ex.endpoint,
+            (gateway_ms if gateway_ms is not None else latency_ms) / 1000.0,
+            None if ttfb_ms is None else ttfb_ms / 1000.0, ex.prompt_tokens, ex.completion_tokens,
+        )
+        rid = ex.request_id.decode("latin-1")
+        if self.usage is not None and ex.endpoint in _BILLED:
+            self.usage.record(UsageRow(
+                ts=ex.ts, request_id=rid, key_name=key_name, model=ex.model, tier=ex.tier,
+                endpoint=ex.endpoint, stream=ex.stream, status=ex.status, prompt_tokens=ex.prompt_tokens,
+                completion_tokens=ex.completion_tokens, total_tokens=ex.total_tokens, estimated=ex.estimated,
+                ttfb_ms=ttfb_ms, latency_ms=latency_ms, wake_ms=ex.wake_ms, upstream=ex.upstream,
+                error_type=ex.error_type,
+            ))
         logs.access({
-            "ts": round(ex.ts, 3), "event": "access", "request_id": ex.request_id.decode("latin-1"),
-            "method": ex.method.decode("latin-1"), "endpoint": ex.endpoint, "key": ex.key_name,
+            "ts": round(ex.ts, 3), "event": "access", "request_id": rid,
+            "method": ex.method.decode("latin-1"), "endpoint": ex.endpoint, "key": key_name,
             "model": ex.model, "tier": ex.tier, "stream": ex.stream, "status": ex.status,
-            "error": ex.error_type, "upstream": ex.upstream, "latency_ms": round(ex.latency_ms(), 3),
-            "ttfb_ms": None if ex.t_first_byte is None else round(ex.ttfb_ms(), 3),
+            "error": ex.error_type, "upstream": ex.upstream, "latency_ms": round(latency_ms, 3),
+            "ttfb_ms": None if ttfb_ms is None else round(ttfb_ms, 3), "wake_ms": ex.wake_ms,
             "prompt_tokens": ex.prompt_tokens, "completion_tokens": ex.completion_tokens,
         })
 
     def connection_opened(self) -> None:
         self.open_connections += 1
+        self.metrics.connection_opened()
 
     def connection_closed(self) -> None:
         self.open_connections -= 1
-
-    def render_metrics(self) -> tuple[bytes, bytes]:
-        st = self.pool.statistics()
-        lines = [
-            f"spotinference_requests_total {self.requests_total}",
-            f"spotinference_open_connections {self.open_connections}",
-            f"spotinference_upstream_pool_idle {st.idle}",
-            f"spotinference_upstream_pool_active {st.active}",
-        ]
-        return b"text/plain; version=0.0.4; charset=utf-8", ("\n".join(lines) + "\n").encode()
+        self.metrics.connection_closed()
 
 
-async def run_gateway(config: Config, *, gateway: Gateway | None = None,
+_BILLED = frozenset(("chat", "completions", "embeddings"))
+
+
+async def run_gateway(config: Config, *, gateway: Gateway | None = None, sock=None, spill_path: str | None = None,
                       task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Serve the gateway for `config` until cancelled; `task_status.started((host, port))`.
     Pass `gateway` to keep a handle on it (tests, the supervisor's workers)."""
@@ -99,10 +155,20 @@ async def run_gateway(config: Config, *, gateway: Gateway | None = None,
     gw = gateway or Gateway(build_runtime(config))
     runtime = gw.runtime
     try:
-        async with trio.open_nursery() as nursery:
-            address = await nursery.start(serve_tcp, gw, config.server)
-            logs.event("gateway_listening", host=address[0], port=address[1],
-                       tiers=[t.name for t in config.tiers], auth=not runtime.keys.open)
-            task_status.started(address)
+        async with trio.open_nursery() as services:
+            if config.usage.path and gw.usage is None:
+                u = config.usage
+                gw.usage = UsageLog(u.path, queue_max=u.queue_max, batch_max=u.batch_max, flush_s=u.flush_s,
+                                    spill_path=spill_path)
+            if gw.usage is not None:
+                await services.start(gw.usage.run)
+                gw.metrics.register_stats_source("usage", gw.usage.statistics)
+            services.start_soon(gw.metrics.run)
+            async with trio.open_nursery() as nursery:
+                address = await nursery.start(functools.partial(serve_tcp, gw, config.server, sock=sock))
+                logs.event("gateway_listening", host=address[0], port=address[1],
+                           tiers=[t.name for t in config.tiers], auth=not runtime.keys.open)
+                task_status.started(address)
+            services.cancel_scope.cancel()  # connections are done: flush usage (shielded) and stop
     finally:
         gw.pool.close_all()

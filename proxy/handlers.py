@@ -67,7 +67,7 @@ async def handle_healthz(gw, ds: Downstream, ex: Exchange, request, key, rest: b
 
 
 async def handle_metrics(gw, ds: Downstream, ex: Exchange, request, key, rest: bytes) -> None:
-    content_type, body = gw.render_metrics()
+    content_type, body = await gw.metrics.scrape()
     ex.status = 200
     await ds.send_response(200, [(b"content-type", content_type)], body)
 

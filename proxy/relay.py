@@ -107,6 +107,9 @@ async def relay_response(gw, ds: Downstream, ex: Exchange, tier, conn, response,
                                                             code="upstream_error"))
             return
         sse = True
+    metrics = gw.metrics
+    if sse:
+        metrics.stream_opened()
     try:
         out = b"" if head_sent else dconn.send(
             h11.Response(status_code=response.status_code, headers=headers, reason=response.reason))
@@ -152,6 +155,8 @@ async def relay_response(gw, ds: Downstream, ex: Exchange, tier, conn, response,
     except ClientGone:
         pass
     finally:
+        if sse:
+            metrics.stream_closed()
         if tap is not None:
             gw.tap_finished(ex, tap)
         if ok:

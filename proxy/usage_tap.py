@@ -379,3 +379,27 @@ def inject_include_usage(body: bytes) -> bytes | None:
     else:
         return None
     return msgspec.json.encode(obj)
+
+
+class BodyTail:
+    """The tap for a non-streaming answer: passes bytes through untouched and keeps only the last
+    `keep` bytes, where vLLM puts `usage` (after `choices`); `usage` is decoded once, at the end."""
+
+    __slots__ = ("_tail", "_keep", "usage", "events")
+
+    def __init__(self, keep: int = 4096) -> None:
+        self._tail = b""
+        self._keep = keep
+        self.usage: Usage | None = None
+        self.events = 0
+
+    def feed(self, data: bytes) -> bytes:
+        if len(data) >= self._keep:
+            self._tail = data[-self._keep:]
+        else:
+            self._tail = (self._tail + data)[-self._keep:]
+        return data
+
+    def finish(self) -> bytes:
+        self.usage = usage_from_body(self._tail)
+        return b""
