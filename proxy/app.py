@@ -54,7 +54,38 @@ class Gateway:
         self.workers = max(1, workers)  # each worker enforces its share of a key's limits
         self.usage = None  # UsageLog, started by run_gateway when [usage] path is set
         self.open_connections = 0
+        self.idle_scopes: set = set()  # cancel scopes of connections waiting for their next request
+        self.server = None  # proxy.server.Server, set when serving
+        self._services: trio.Nursery | None = None  # long-lived tasks: usage writer, metrics, wakers
         self.metrics.register_stats_source("upstream_pool", self.pool.statistics)
+
+    @property
+    def draining(self) -> bool:
+        return self.server is not None and self.server.draining
+
+    def start_wakers(self) -> list:
+        """Create (and, once serving, start) a waker for every tier with `[tiers.wake]` lacking one."""
+        from ops.waker import Waker
+
+        created = []
+        for tier in self.runtime.router.tiers.values():
+            cfg = tier.config
+            if cfg.wake is None or tier.waker is not None:
+                continue
+            tier.waker = Waker(cfg.name, cfg.wake, list(cfg.upstreams), list(cfg.models),
+                               upstream_api_key=cfg.upstream_api_key)
+            created.append(tier.waker)
+            if self._services is not None:
+                self._services.start_soon(tier.waker.run)
+        return created
+
+    def waker_statistics(self) -> dict:
+        return {name: t.waker.statistics() for name, t in self.runtime.router.tiers.items() if t.waker is not None}
+
+    def close_idle_connections(self) -> None:
+        for scope in list(self.idle_scopes):
+            scope.cancel()
+        self.idle_scopes.clear()
 
     # -- request path hooks ---------------------------------------------------------------------
     async def dispatch(self, ds, request) -> None:
@@ -164,6 +195,10 @@ async def run_gateway(config: Config, *, gateway: Gateway | None = None, sock=No
                 await services.start(gw.usage.run)
                 gw.metrics.register_stats_source("usage", gw.usage.statistics)
             services.start_soon(gw.metrics.run)
+            for waker in gw.start_wakers():
+                await services.start(waker.run)  # describes the instances first: restart-safe
+            gw._services = services
+            gw.metrics.register_stats_source("tier", gw.waker_statistics, label="tier")
             async with trio.open_nursery() as nursery:
                 address = await nursery.start(functools.partial(serve_tcp, gw, config.server, sock=sock))
                 logs.event("gateway_listening", host=address[0], port=address[1],

@@ -21,6 +21,7 @@ _DELEGATED = {
     "usage": "proxy.cmd_usage",
     "parity": "loadtest.parity",
     "bench": "loadtest.bench",
+    "_worker": "proxy.supervisor",  # internal: one worker process under `serve --workers N`
 }
 
 _HELP = """usage: spotinference COMMAND [ARGS]
@@ -53,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(target)
     if name == "check-config":
         return module.check_config_main(rest)
+    if name == "_worker":
+        return module.worker_main(rest)
     return int(module.main(rest) or 0)
 
 

@@ -10,6 +10,7 @@ goes to stdout once the socket is bound (scripts and harnesses wait for it); log
 from __future__ import annotations
 
 import argparse
+import functools
 import ipaddress
 import signal
 import socket
@@ -70,16 +71,6 @@ async def _serve_embedded(listen: str) -> None:
         nursery.cancel_scope.cancel()
 
 
-async def _serve_config(config: Config) -> None:
-    from proxy.app import run_gateway
-
-    async with trio.open_nursery() as nursery:
-        host, port = await nursery.start(run_gateway, config)
-        print(f"spotinference listening on http://{host}:{port}", flush=True)
-        await _wait_for_stop_signal()
-        nursery.cancel_scope.cancel()
-
-
 async def _wait_for_stop_signal() -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
@@ -124,7 +115,9 @@ def main(argv: list[str]) -> int:
 
             return run_supervisor(config, args.config)
         else:
-            trio.run(_serve_config, config)
+            from proxy.worker import serve_process
+
+            trio.run(functools.partial(serve_process, config, args.config))
     except OSError as exc:
         sys.stderr.write(f"spotinference: cannot serve: {exc.strerror or exc}\n")
         return 1

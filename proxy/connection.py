@@ -54,21 +54,27 @@ class Downstream:
         conn = self.conn
         limits = self.limits
         got_bytes = False
+        idle = self.gw.idle_scopes
         with trio.move_on_after(limits.keepalive_idle_s) as scope:
+            idle.add(scope)  # a drain cancels connections that wait for a request
             while True:
                 event = conn.next_event()  # RemoteProtocolError propagates to serve()
                 if event is h11.NEED_DATA:
                     # Keep-alive idle until the first byte of the head, then the head timeout.
                     if not got_bytes and conn.trailing_data[0]:
                         got_bytes = True
+                        idle.discard(scope)
                         scope.deadline = trio.current_time() + limits.request_head_s
                     if await self._receive() and not got_bytes:
                         got_bytes = True
+                        idle.discard(scope)
                         scope.deadline = trio.current_time() + limits.request_head_s
                     continue
+                idle.discard(scope)
                 if type(event) is h11.Request:
                     return event
                 return None  # ConnectionClosed
+        idle.discard(scope)
         if got_bytes:
             await self.send_error(errors.ApiError(408, "Timed out reading the request head.",
                                                   "invalid_request_error", code="request_timeout"))
@@ -193,7 +199,8 @@ async def serve_connection(stream: trio.SocketStream, gw) -> None:
             except ClientGone:
                 return
             conn = ds.conn
-            if ds.client_gone or conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+            if (ds.client_gone or conn.our_state is not h11.DONE or conn.their_state is not h11.DONE
+                    or gw.draining):
                 return
             conn.start_next_cycle()
     finally:

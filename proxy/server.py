@@ -1,14 +1,20 @@
-"""The listening socket and the accept loop.
+"""The listening socket, the accept loop, and graceful drain.
 
-Strategy: one SOCK_STREAM listener per worker process, bound with SO_REUSEPORT when several workers
-share a port (the kernel balances connections between them), or inherited from a supervisor as an
-already-bound file descriptor. trio's `serve_listeners` runs the accept loop (it backs off on EMFILE)
-and starts one task per connection (connection.py). `max_connections` bounds connections being served:
-past it, an accepted connection waits for a slot before its first read.
+Strategy: one SOCK_STREAM listener per process -- bound here, or inherited from the supervisor as an
+already-listening file descriptor that all workers accept on (a killed worker loses no queued
+connection: the queue belongs to the shared socket). The accept loop is ours rather than
+`trio.serve_listeners` so that draining can stop accepting WITHOUT cancelling the connections:
+  drain(): close the listener (new connections are refused once no process holds it), cancel the
+  connections that are idle between requests, let in-flight requests and streams finish, and
+  after `drain_s` cancel whatever is left.
+Accept errors that mean "out of descriptors/memory" back off briefly instead of killing the loop.
+`max_connections` bounds connections being served: past it, accepting pauses (the kernel backlog holds
+new connections) until one closes.
 """
 
 from __future__ import annotations
 
+import errno
 import socket
 
 import trio
@@ -17,9 +23,10 @@ from proxy.config import ServerConfig, parse_listen
 from proxy.connection import serve_connection
 
 BACKLOG = 4096
+_RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 
 
-def bind_socket(host: str, port: int, *, reuse_port: bool) -> socket.socket:
+def bind_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
     """A bound, listening, non-blocking stdlib socket."""
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     family, type_, proto, _, sockaddr = infos[0]
@@ -37,21 +44,69 @@ def bind_socket(host: str, port: int, *, reuse_port: bool) -> socket.socket:
     return sock
 
 
+class Server:
+    """Accepts connections for one gateway; `drain()` ends it gracefully."""
+
+    def __init__(self, gw, server: ServerConfig, sock: socket.socket) -> None:
+        self.gw = gw
+        self.config = server
+        self.sock = sock
+        self.listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+        self.slots = trio.Semaphore(server.max_connections)
+        self.draining = False
+        self._accept_scope = trio.CancelScope()
+        self._conn_nursery: trio.Nursery | None = None
+        gw.server = self
+
+    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as connections:
+            self._conn_nursery = connections
+            host, port = self.sock.getsockname()[:2]
+            task_status.started((host, port))
+            with self._accept_scope:
+                while True:
+                    await self.slots.acquire()
+                    try:
+                        stream = await self.listener.accept()
+                    except OSError as exc:
+                        self.slots.release()
+                        if exc.errno in _RESOURCE_ERRNOS:
+                            await trio.sleep(0.1)
+                            continue
+                        raise
+                    except BaseException:
+                        self.slots.release()
+                        raise
+                    connections.start_soon(self._handle, stream)
+            # Draining: wait for in-flight connections, up to drain_s, then cut them.
+            with trio.move_on_after(self.config.drain_s):
+                while self.gw.open_connections > 0:
+                    await trio.sleep(0.05)
+            connections.cancel_scope.cancel()
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        try:
+            await serve_connection(stream, self.gw)
+        finally:
+            self.slots.release()
+
+    def drain(self) -> None:
+        """Stop accepting now; idle keep-alive connections close; busy ones finish (up to drain_s)."""
+        if self.draining:
+            return
+        self.draining = True
+        self._accept_scope.cancel()
+        try:
+            self.listener.socket.close()
+        except OSError:
+            pass
+        self.gw.close_idle_connections()
+
+
 async def serve_tcp(gw, server: ServerConfig, *, sock: socket.socket | None = None,
                     task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Accept and serve connections until cancelled; started((host, port))."""
+    """Accept and serve connections until drained or cancelled; started((host, port))."""
     if sock is None:
         host, port = parse_listen(server.listen)
-        sock = bind_socket(host, port, reuse_port=server.reuse_port)
-    listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
-    limiter = trio.Semaphore(server.max_connections)
-    gw.listener = listener
-
-    async def handle(stream: trio.SocketStream) -> None:
-        async with limiter:
-            await serve_connection(stream, gw)
-
-    host, port = sock.getsockname()[:2]
-    async with trio.open_nursery() as nursery:
-        await nursery.start(trio.serve_listeners, handle, [listener])
-        task_status.started((host, port))
+        sock = bind_socket(host, port, reuse_port=False)
+    await Server(gw, server, sock).serve(task_status=task_status)
