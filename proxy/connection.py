@@ -22,6 +22,10 @@ import trio
 from proxy import errors
 
 READ_SIZE = 65536
+REASONS = {200: b"OK", 400: b"Bad Request", 401: b"Unauthorized", 403: b"Forbidden", 404: b"Not Found",
+           405: b"Method Not Allowed", 408: b"Request Timeout", 413: b"Content Too Large",
+           429: b"Too Many Requests", 431: b"Request Header Fields Too Large", 500: b"Internal Server Error",
+           502: b"Bad Gateway", 503: b"Service Unavailable", 504: b"Gateway Timeout"}
 _JSON = (b"content-type", b"application/json")
 
 
@@ -72,6 +76,10 @@ class Downstream:
                     continue
                 idle.discard(scope)
                 if type(event) is h11.Request:
+                    # h11 bounds only a head that arrives in pieces; one read can bring a whole big head.
+                    size = len(event.target) + sum(len(n) + len(v) + 4 for n, v in event.headers.raw_items())
+                    if size > limits.max_head_bytes:
+                        raise h11.RemoteProtocolError("request head too large", error_status_hint=431)
                     return event
                 return None  # ConnectionClosed
         idle.discard(scope)
@@ -126,7 +134,7 @@ class Downstream:
         """A complete response in one write."""
         conn = self.conn
         headers.append((b"content-length", str(len(body)).encode()))
-        out = conn.send(h11.Response(status_code=status, headers=headers))
+        out = conn.send(h11.Response(status_code=status, headers=headers, reason=REASONS.get(status, b"")))
         if body:
             out += conn.send(h11.Data(data=body))
         out += conn.send(h11.EndOfMessage())
@@ -166,6 +174,18 @@ class Downstream:
                 nursery.cancel_scope.cancel()
 
 
+def _skip_buffered_body(conn: h11.Connection) -> None:
+    """A handler that needed no body (GET) left its end-of-message unread: consume what is already
+    buffered so keep-alive continues; a body still on the wire means the connection closes."""
+    try:
+        while True:
+            event = conn.next_event()
+            if type(event) is not h11.Data:
+                return
+    except h11.RemoteProtocolError:
+        return
+
+
 async def serve_connection(stream: trio.SocketStream, gw) -> None:
     """Serve one client connection until it closes."""
     try:
@@ -199,6 +219,8 @@ async def serve_connection(stream: trio.SocketStream, gw) -> None:
             except ClientGone:
                 return
             conn = ds.conn
+            if conn.their_state is h11.SEND_BODY and not ds.client_gone:
+                _skip_buffered_body(conn)
             if (ds.client_gone or conn.our_state is not h11.DONE or conn.their_state is not h11.DONE
                     or gw.draining):
                 return

@@ -154,7 +154,8 @@ async def test_request_and_response_bytes_pass_unchanged(nursery):
     gw = await start_gateway(nursery, make_config([url]))
     body = (b'{"model": "sim-chat",  "messages": [{"role": "user", "content": "h\\u00e9llo"}], '
             b'"top_k": 5, "repetition_penalty": 1.1, "guided_json": {"type": "object"}, '
-            b'"chat_template_kwargs": {"enable_thinking": false}, "stream": true}')
+            b'"chat_template_kwargs": {"enable_thinking": false}, "stream": true, '
+            b'"stream_options": {"include_usage": true}}')
     with trio.fail_after(10):
         raw = await raw_request(gw.port, post(body, extra=b"Connection: close\r\nX-Custom: kept\r\n"))
     status, headers, chunked = split_response(raw)
@@ -168,6 +169,22 @@ async def test_request_and_response_bytes_pass_unchanged(nursery):
     sent_headers = dict(sim.requests[-1].headers)
     assert sent_headers[b"x-custom"] == b"kept"
     assert b"connection" not in sent_headers or sent_headers[b"connection"] != b"close"
+
+
+async def test_usage_is_requested_for_accounting_but_hidden_from_a_client_that_did_not_ask(nursery):
+    sim, url = await start_sim(nursery)
+    gw = await start_gateway(nursery, make_config([url]))
+    body = b'{"model": "sim-chat", "stream": true, "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]}'
+    with trio.fail_after(10):
+        raw = await raw_request(gw.port, post(body, extra=b"Connection: close\r\n"))
+    got = _dechunk(split_response(raw)[2])
+    sent = sim.responses[-1]
+    assert b'"include_usage":true' in sim.requests[-1].body.replace(b" ", b"")
+    events = sent.split(b"\n\n")
+    usage_events = [e for e in events if b'"choices":[]' in e and b'"usage"' in e]
+    assert len(usage_events) == 1
+    assert got == sent.replace(usage_events[0] + b"\n\n", b"")  # everything else byte for byte
+    assert got.endswith(b"data: [DONE]\n\n")
 
 
 def _dechunk(data: bytes) -> bytes:
