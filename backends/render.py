@@ -184,8 +184,8 @@ def cloud_init(tier: str, models: list[str], backend: BackendConfig) -> str:
         enable.append(f"{AGENT_NAME}.service")
     out = [
         "#cloud-config",
-        f"# spotinference tier {tier}: vLLM on {backend.tensor_parallel_size} GPUs, rendered by "
-        "`spotinference backend render`.",
+        f"# spotinference tier {tier}: vLLM on {backend.tensor_parallel_size} GPUs "
+        + "(rendered by `spotinference backend render`).",
         f"# The API key is NOT here: provision {backend.env_file} from your secret store.",
         "users:",
         "  - default",

@@ -32,6 +32,8 @@ from typing import Any, TypeVar
 import boto3
 import botocore.config
 import botocore.exceptions
+import botocore.loaders
+import botocore.session
 
 logger = logging.getLogger(__name__)
 
@@ -134,15 +136,21 @@ def call(fn: Callable[..., T], /, *, backoff: Backoff, what: str,
     raise AssertionError("unreachable")  # pragma: no cover
 
 
+_CREATE_LOCK = threading.Lock()
+_LOADER: botocore.loaders.Loader | None = None
+
+
 class Clients:
-    """boto3 clients for one region/endpoint, created lazily and once (creation is not thread-safe,
-    use is), from one session so the default credential chain is resolved once."""
+    """boto3 clients for one region/endpoint, created lazily and once each. Creation is serialised (it is
+    not thread-safe; use is) and shares one botocore data loader across instances, so the large EC2
+    service model is parsed once per process. Each Clients has its own session, so the default
+    credential chain is resolved per waker, at first use."""
 
     def __init__(self, region: str, endpoint_url: str | None = None) -> None:
         self.region = region
         self.endpoint_url = endpoint_url
-        self._lock = threading.Lock()
         self._clients: dict[str, Any] = {}
+        self._session: boto3.session.Session | None = None
         self._config = botocore.config.Config(
             region_name=region,
             retries={"total_max_attempts": 1},  # ours, in `call`
@@ -152,11 +160,17 @@ class Clients:
         )
 
     def get(self, service: str) -> Any:
-        with self._lock:
+        global _LOADER
+        with _CREATE_LOCK:
             client = self._clients.get(service)
             if client is None:
-                session = boto3.session.Session()
-                client = session.client(service, endpoint_url=self.endpoint_url, config=self._config)
+                if self._session is None:
+                    if _LOADER is None:
+                        _LOADER = botocore.loaders.create_loader()
+                    core = botocore.session.get_session()
+                    core.register_component("data_loader", _LOADER)
+                    self._session = boto3.session.Session(botocore_session=core)
+                client = self._session.client(service, endpoint_url=self.endpoint_url, config=self._config)
                 self._clients[service] = client
             return client
 
@@ -183,10 +197,10 @@ def _instance(raw: dict[str, Any]) -> Instance:
 class Ec2:
     """The EC2 calls the waker and the fleet simulator make. Every method blocks."""
 
-    def __init__(self, clients: Clients, *, backoff: Backoff = Backoff(),
+    def __init__(self, clients: Clients, *, backoff: Backoff | None = None,
                  sleep: Callable[[float], None] = time.sleep) -> None:
         self._clients = clients
-        self._backoff = backoff
+        self._backoff = backoff or Backoff()
         self._sleep = sleep
 
     def _call(self, action: str, **kwargs: Any) -> Any:

@@ -84,10 +84,10 @@ class Message:
 class InterruptionQueue:
     """ReceiveMessage / DeleteMessageBatch on the interruption queue. Every method blocks."""
 
-    def __init__(self, clients: Clients, queue_url: str, *, backoff: Backoff = Backoff()) -> None:
+    def __init__(self, clients: Clients, queue_url: str, *, backoff: Backoff | None = None) -> None:
         self._clients = clients
         self.queue_url = queue_url
-        self._backoff = backoff
+        self._backoff = backoff or Backoff()
 
     def receive(self, wait_s: int) -> list[Message]:
         """Up to 10 messages; long-polls up to `wait_s` seconds (0..20) when the queue is empty."""

@@ -1,0 +1,144 @@
+"""Readiness and activity probes of one vLLM OpenAI server (shared by the waker and the fleet tools).
+
+Strategy: a backend is READY when `GET /health` answers 200 (vLLM answers 200 once the engine is up and
+503 once it is dead; a host whose spot-interruption agent fired refuses new connections) AND every model
+the tier serves is listed by `GET /v1/models` (`{"object": "list", "data": [{"id": ...}]}`). Activity
+comes from vLLM's Prometheus text at `GET /metrics`: the gauges `vllm:num_requests_running` and
+`vllm:num_requests_waiting` and the counter `vllm:request_success_total`, summed over their label sets
+(model_name, finished_reason, engine). `/health` and `/metrics` are outside vLLM's `--api-key` check;
+`/v1/models` is inside it, so the probe sends the tier's upstream key there.
+
+Rules: probes never raise for a backend that is down -- they return a result saying why (the reason is
+a short class name, never a body or a header). Each probe opens a fresh connection (the client built by
+`make_client` keeps none alive): a pooled keep-alive connection would hide a host that stopped accepting
+new ones, and would go stale across an instance stop/start. Time limits are the caller's cancel scope
+plus the client's own connect/read timeouts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import httpx
+import msgspec
+
+
+class _Model(msgspec.Struct):
+    id: str
+
+
+class _ModelList(msgspec.Struct):
+    data: list[_Model] = msgspec.field(default_factory=list)
+
+
+_models_decoder = msgspec.json.Decoder(_ModelList)
+
+RUNNING = "vllm:num_requests_running"
+WAITING = "vllm:num_requests_waiting"
+SUCCESS = "vllm:request_success_total"
+
+
+@dataclass(frozen=True)
+class Readiness:
+    """The outcome of one readiness probe of one upstream."""
+
+    upstream: str
+    healthy: bool
+    missing: tuple[str, ...] = ()
+    reason: str | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.healthy and not self.missing
+
+
+@dataclass(frozen=True)
+class Activity:
+    """vLLM's own view of its load: requests in flight and requests finished so far."""
+
+    running: float = 0.0
+    waiting: float = 0.0
+    success_total: float = 0.0
+
+    @property
+    def in_flight(self) -> float:
+        return self.running + self.waiting
+
+
+def make_client(timeout_s: float) -> httpx.AsyncClient:
+    """An httpx client for probes: no keep-alive, no proxies from the environment, bounded timeouts."""
+    return httpx.AsyncClient(
+        timeout=httpx.Timeout(timeout_s),
+        limits=httpx.Limits(max_keepalive_connections=0),
+        trust_env=False,
+        follow_redirects=False,
+    )
+
+
+def parse_models(body: bytes) -> tuple[str, ...]:
+    """Model ids from a `/v1/models` body; ValueError if it is not the OpenAI list shape."""
+    try:
+        return tuple(m.id for m in _models_decoder.decode(body).data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ValueError(f"not a model list: {exc}") from None
+
+
+def parse_activity(text: str) -> Activity:
+    """Sum vLLM's running/waiting gauges and success counter over all label sets (Prometheus text 0.0.4)."""
+    sums = {RUNNING: 0.0, WAITING: 0.0, SUCCESS: 0.0}
+    for line in text.splitlines():
+        if not line or line[0] == "#":
+            continue
+        brace = line.find("{")
+        space = line.find(" ")
+        end = brace if brace != -1 and (space == -1 or brace < space) else space
+        if end <= 0:
+            continue
+        name = line[:end]
+        if name not in sums:
+            continue
+        rest = line[line.rfind("}") + 1:] if brace == end else line[end:]
+        fields = rest.split()
+        if not fields:
+            continue
+        try:
+            sums[name] += float(fields[0])
+        except ValueError:
+            continue
+    return Activity(running=sums[RUNNING], waiting=sums[WAITING], success_total=sums[SUCCESS])
+
+
+async def probe_ready(client: httpx.AsyncClient, upstream: str, models: list[str] | tuple[str, ...],
+                      *, api_key: str | None = None) -> Readiness:
+    """GET /health then GET /v1/models on `upstream` ("http://host:port")."""
+    base = upstream.rstrip("/")
+    try:
+        health = await client.get(f"{base}/health")
+    except httpx.HTTPError as exc:
+        return Readiness(upstream, False, reason=type(exc).__name__)
+    if health.status_code != 200:
+        return Readiness(upstream, False, reason=f"health {health.status_code}")
+    headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        listed = await client.get(f"{base}/v1/models", headers=headers)
+    except httpx.HTTPError as exc:
+        return Readiness(upstream, False, reason=type(exc).__name__)
+    if listed.status_code != 200:
+        return Readiness(upstream, True, missing=tuple(models), reason=f"models {listed.status_code}")
+    try:
+        have = set(parse_models(listed.content))
+    except ValueError:
+        return Readiness(upstream, True, missing=tuple(models), reason="models unreadable")
+    missing = tuple(m for m in models if m not in have)
+    return Readiness(upstream, True, missing=missing, reason="models missing" if missing else None)
+
+
+async def probe_activity(client: httpx.AsyncClient, upstream: str) -> Activity | None:
+    """vLLM's activity from GET /metrics, or None when it cannot be read."""
+    try:
+        resp = await client.get(f"{upstream.rstrip('/')}/metrics")
+    except httpx.HTTPError:
+        return None
+    if resp.status_code != 200:
+        return None
+    return parse_activity(resp.text)
