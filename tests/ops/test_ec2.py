@@ -10,10 +10,18 @@ import trio
 
 from backends.fleet import ApiTap
 from ops.ec2 import (
-    AuthError, Backoff, CapacityError, Clients, Ec2, Ec2Error, StateError, ThrottledError, UnavailableError,
+    AuthError,
+    Backoff,
+    CapacityError,
+    Clients,
+    Ec2,
+    Ec2Error,
+    StateError,
+    ThrottledError,
+    UnavailableError,
     translate,
 )
-from tests.ops.aws import aws_url, client, moto_url, states, stopped_instances  # noqa: F401
+from tests.ops.aws import client, states, stopped_instances
 
 FAST = Backoff(attempts=3, base_s=0.01, max_s=0.02)
 
