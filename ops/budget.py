@@ -134,3 +134,151 @@ class IdleTracker:
 
     def is_idle(self, now: float) -> bool:
         return self.idle_for(now) >= self.idle_s
+
+
+# ---- the book of a tier's instances ------------------------------------------------------------------
+
+PRIMARY, FALLBACK, LAUNCHED, TIER = "primary", "fallback", "launched", "tier"
+LADDER = (PRIMARY, FALLBACK, LAUNCHED, TIER)  # the order fallback steps are engaged in
+UP = frozenset({"pending", "running"})
+
+
+@dataclass
+class Member:
+    """One upstream the tier may route to: an instance (or a bare configured URL) and what we know of it."""
+
+    group: str
+    instance_id: str | None
+    url: str | None
+    ec2_state: str = "unknown"
+    healthy: bool = False
+    failures: int = 0
+    hold_until: float | None = None  # an interruption notice keeps it out of rotation until then
+    start_sent_at: float | None = None
+    no_capacity_at: float | None = None
+
+    def held(self, now: float) -> bool:
+        return self.hold_until is not None and now < self.hold_until
+
+    def routable(self, now: float) -> bool:
+        return self.healthy and self.url is not None and not self.held(now)
+
+    def awaited(self, now: float) -> bool:
+        """Does a wake wait for this one? Not when doomed, out of capacity or gone."""
+        return not self.held(now) and self.no_capacity_at is None and self.ec2_state != "terminated"
+
+
+class Book:
+    """Which instances a tier has, which are engaged, routable, awaited or startable, and the fallback
+    ladder (primary -> fallback_instance_ids -> launch template -> fallback tier). Pure: the waker feeds
+    it EC2 states, probe results and notices, with `now`."""
+
+    def __init__(self, *, instance_ids: list[str], upstreams: list[str], fallback_ids: list[str],
+                 launch_template: bool, fallback_tier: bool, health_failures: int, start_retry_s: float) -> None:
+        n = len(instance_ids)
+        self.members = [Member(PRIMARY, iid, upstreams[i] if i < len(upstreams) else None)
+                        for i, iid in enumerate(instance_ids)]
+        self.members += [Member(PRIMARY, None, url) for url in upstreams[n:]]
+        self.members += [Member(FALLBACK, iid, None) for iid in fallback_ids]
+        self.ladder = [PRIMARY] + [g for g, on in ((FALLBACK, bool(fallback_ids)), (LAUNCHED, launch_template),
+                                                   (TIER, fallback_tier)) if on]
+        self.engaged = {PRIMARY}
+        self.health_failures = health_failures
+        self.start_retry_s = start_retry_s
+
+    def engaged_members(self) -> list[Member]:
+        return [m for m in self.members if m.group in self.engaged]
+
+    def instances(self, *, everything: bool = False) -> list[Member]:
+        return [m for m in (self.members if everything else self.engaged_members()) if m.instance_id]
+
+    def by_instance(self, instance_id: str) -> Member | None:
+        return next((m for m in self.members if m.instance_id == instance_id), None)
+
+    def states(self) -> set[str]:
+        return {m.ec2_state for m in self.instances()}
+
+    def routable(self, now: float) -> list[str]:
+        return [m.url for m in self.engaged_members() if m.routable(now) and m.url is not None]
+
+    def wake_complete(self, now: float, *, over_budget: bool) -> bool:
+        """Ready: something routable, and everything awaited routable (past the budget, anything will do)."""
+        if not self.routable(now):
+            return False
+        return over_budget or all(m.routable(now) for m in self.engaged_members() if m.awaited(now))
+
+    def held(self, now: float) -> bool:
+        return any(m.held(now) for m in self.members)
+
+    def observe(self, m: Member, state: str, url: str | None, now: float) -> None:
+        """What DescribeInstances said about one member (`url` only matters for non-primaries)."""
+        m.ec2_state = state
+        if state in UP:
+            m.start_sent_at = m.no_capacity_at = None  # seen up: a later "stopped" is real
+        else:
+            m.healthy = False
+            if m.held(now):
+                m.hold_until = None  # the interruption happened: restart it as usual
+        if m.group != PRIMARY and url != m.url:
+            m.url, m.healthy = url, False
+        if m.group == LAUNCHED and state == "terminated":
+            self.members.remove(m)  # launch-template capacity is gone for good
+
+    def startable(self, group: str, now: float) -> list[str]:
+        """Stopped engaged instances of `group` not started (or out of capacity) within start_retry_s."""
+        retry = self.start_retry_s
+        return [m.instance_id for m in self.engaged_members()
+                if m.group == group and m.instance_id and m.ec2_state == "stopped" and not m.held(now)
+                and (m.start_sent_at is None or now - m.start_sent_at >= retry)
+                and (m.no_capacity_at is None or now - m.no_capacity_at >= retry)]
+
+    def note_start(self, ids: list[str], now: float, *, capacity: bool) -> None:
+        for m in self.members:
+            if m.instance_id in ids:
+                if capacity:
+                    m.no_capacity_at = now
+                else:
+                    m.start_sent_at, m.no_capacity_at = now, None
+
+    def note_health(self, m: Member, ok: bool, *, strict: bool) -> bool:
+        """A probe result; True when a healthy member just went down (strict: at the first failure)."""
+        if ok:
+            m.healthy, m.failures = True, 0
+            return False
+        m.failures += 1
+        if m.healthy and (strict or m.failures >= self.health_failures):
+            m.healthy = False
+            return True
+        return False
+
+    def mark_down(self, url: str) -> int:
+        """The gateway could not connect: take every healthy member with this URL out now."""
+        hit = [m for m in self.members if m.url == url and m.healthy]
+        for m in hit:
+            m.healthy, m.failures = False, self.health_failures
+        return len(hit)
+
+    def top(self) -> str:
+        return max(self.engaged, key=LADDER.index)
+
+    def escalate(self, *, everything: bool = False) -> list[str]:
+        """Engage the next fallback step (all remaining ones with `everything`); returns those engaged."""
+        steps: list[str] = []
+        for step in self.ladder:
+            if step not in self.engaged:
+                self.engaged.add(step)
+                steps.append(step)
+                if not everything:
+                    break
+        return steps
+
+    def add_launched(self, ids_states: list[tuple[str, str]]) -> None:
+        self.members += [Member(LAUNCHED, iid, None, ec2_state=state) for iid, state in ids_states]
+        self.engaged.add(LAUNCHED)
+
+    def reset(self) -> None:
+        """Asleep again: only the configured instances, nothing engaged beyond the primaries."""
+        self.members = [m for m in self.members if m.group != LAUNCHED]
+        for m in self.members:
+            m.healthy, m.failures, m.start_sent_at, m.no_capacity_at = False, 0, None, None
+        self.engaged = {PRIMARY}

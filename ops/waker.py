@@ -25,7 +25,9 @@ state, join a waiting room and poke the controller (`_kick`). States (DESIGN.md 
   TerminateInstances for launch-template capacity.
 - Interruptions (SQS notices, failing /health, `report_unreachable`): the host leaves `upstreams()` at
   once; the controller restarts it once EC2 shows it stopped, or fails over.
-All blocking EC2/SQS calls go through trio.to_thread with this waker's limiters.
+The bookkeeping (members, engaged fallback steps, routable/awaited/startable) is the pure
+`ops.budget.Book`; this module does the I/O and the state machine. All blocking EC2/SQS calls go through
+trio.to_thread with this waker's limiters.
 """
 
 from __future__ import annotations
@@ -36,20 +38,19 @@ import uuid
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+import httpx
 import trio
 
 from backends import probe
 from ops import budget
-from ops.ec2 import Backoff, CapacityError, Clients, Ec2, Ec2Error, StateError
+from ops.budget import FALLBACK, LAUNCHED, PRIMARY, TIER, UP, Book, Member
+from ops.ec2 import Backoff, CapacityError, Clients, Ec2, Ec2Error, Instance, StateError
 from ops.interruptions import InterruptionQueue, Notice, poll_notices
 from ops.settings import WakeConfig
 
 logger = logging.getLogger(__name__)
 
 TIER_TAG = "spotinference:tier"
-PRIMARY, FALLBACK, LAUNCHED, TIER = "primary", "fallback", "launched", "tier"
-_LADDER = (PRIMARY, FALLBACK, LAUNCHED, TIER)
-_UP = ("pending", "running")
 
 
 class TierState(enum.Enum):
@@ -85,29 +86,6 @@ class WakerStatistics:
     last_timeline: tuple[tuple[str, float], ...]
 
 
-@dataclass
-class _Member:
-    """One upstream we may route to: an instance (or a bare configured URL) and what we know of it."""
-
-    group: str
-    instance_id: str | None
-    url: str | None
-    ec2_state: str = "unknown"
-    healthy: bool = False
-    failures: int = 0
-    hold_until: float | None = None  # interruption notice: out of rotation until then
-    start_sent_at: float | None = None
-    no_capacity_at: float | None = None
-
-    def routable(self, now: float) -> bool:
-        held = self.hold_until is not None and now < self.hold_until
-        return self.healthy and self.url is not None and not held
-
-    def awaited(self, now: float) -> bool:
-        held = self.hold_until is not None and now < self.hold_until
-        return not held and self.no_capacity_at is None and self.ec2_state != "terminated"
-
-
 class Waker:
     """Wakes, watches and puts to sleep the instances of one tier (see the module comment)."""
 
@@ -118,17 +96,13 @@ class Waker:
         self.models = list(models)
         self._api_key = upstream_api_key
         self._port = settings.upstream_port or (urlsplit(upstreams[0]).port if upstreams else None) or 8000
-        n = len(settings.instance_ids)
-        self._members = [_Member(PRIMARY, iid, upstreams[i] if i < len(upstreams) else None)
-                         for i, iid in enumerate(settings.instance_ids)]
-        self._members += [_Member(PRIMARY, None, url) for url in upstreams[n:]]
-        self._members += [_Member(FALLBACK, iid, None) for iid in settings.fallback_instance_ids]
-        self._ladder = [PRIMARY] + [g for g, on in ((FALLBACK, bool(settings.fallback_instance_ids)),
-                                                    (LAUNCHED, bool(settings.fallback_launch_template)),
-                                                    (TIER, bool(settings.fallback_tier))) if on]
-        self._engaged = {PRIMARY}
+        self._book = Book(instance_ids=list(settings.instance_ids), upstreams=list(upstreams),
+                          fallback_ids=list(settings.fallback_instance_ids),
+                          launch_template=bool(settings.fallback_launch_template),
+                          fallback_tier=bool(settings.fallback_tier), health_failures=settings.health_failures,
+                          start_retry_s=settings.start_retry_s)
         clients = Clients(settings.region, settings.endpoint_url)
-        self._ec2_api = Ec2(clients, backoff=Backoff(attempts=settings.api_attempts))
+        self._ec2 = Ec2(clients, backoff=Backoff(attempts=settings.api_attempts))
         self._queue = (InterruptionQueue(clients, settings.interruption_queue_url)
                        if settings.interruption_queue_url else None)
         self._limiter = trio.CapacityLimiter(2)
@@ -141,7 +115,7 @@ class Waker:
         self._wake: budget.Wake | None = None
         self._launch_wanted = False
         self._idle: budget.IdleTracker | None = None
-        self._client = None
+        self._client: httpx.AsyncClient | None = None
         self.fallback_tier: str | None = None
         self._counts = {"wakes": 0, "budget": 0, "stops": 0, "interruptions": 0, "fallbacks": 0, "down": 0}
         self._last_wake_s: float | None = None
@@ -162,7 +136,9 @@ class Waker:
         if self.is_ready():
             return
         if self._waiters >= self.settings.max_waiters:
-            raise WakeQueueFull(self._retry_after_s())
+            raise WakeQueueFull(budget.retry_after_s(
+                self._wake, trio.current_time(), budget_s=self.settings.budget_s,
+                hard_cap_s=self.settings.hard_cap_s, last_wake_s=self._last_wake_s))
         self._waiters += 1
         try:
             while not self.is_ready():
@@ -175,12 +151,9 @@ class Waker:
 
     def report_unreachable(self, upstream: str) -> None:
         """The gateway saw refused/reset before the first byte: take the host out now, re-probe/re-wake."""
-        for m in self._members:
-            if m.url == upstream and m.healthy:
-                m.healthy = False
-                m.failures = self.settings.health_failures
-                self._counts["down"] += 1
-                logger.warning("upstream unreachable", extra={"tier": self.tier, "upstream": upstream})
+        if self._book.mark_down(upstream):
+            self._counts["down"] += 1
+            logger.warning("upstream unreachable", extra={"tier": self.tier, "upstream": upstream})
         self._update_routable()
         self._kick.set()
 
@@ -225,64 +198,64 @@ class Waker:
 
     async def _recover(self) -> None:
         try:
-            for inst in await self._call(self._ec2_api.describe_tagged, TIER_TAG, self.tier):
-                self._members.append(_Member(LAUNCHED, inst.id, None))
-                self._engaged.add(LAUNCHED)
-            ok = await self._refresh_ec2(everything=True)
+            found = await self._call(self._ec2.describe_tagged, TIER_TAG, self.tier)
+            if found:
+                self._book.add_launched([(i.id, i.state) for i in found])
         except Ec2Error as exc:
-            ok = False
             logger.error("describe at start failed; assuming asleep", extra={"tier": self.tier, "code": exc.code})
-        if not ok:
             return
-        if any(m.ec2_state in _UP for m in self._members if m.group == FALLBACK):
-            self._engaged.add(FALLBACK)
-        await self._probe(wake=False)
-        states = {m.ec2_state for m in self._engaged_members() if m.instance_id}
+        if not await self._refresh_ec2(everything=True):
+            return
+        if any(m.ec2_state in UP for m in self._book.members if m.group == FALLBACK):
+            self._book.engaged.add(FALLBACK)
+        await self._probe(strict=False)
+        states = self._book.states()
         now = trio.current_time()
         if self._routable and "pending" not in states:
             self._idle = budget.IdleTracker(self.settings.idle_s, now)
             self._set_state(TierState.READY)
-        elif states & set(_UP):
-            self._wake = budget.Wake(now, self.settings.budget_s, self.settings.hard_cap_s)
-            self._counts["wakes"] += 1
+        elif states & UP:
+            self._begin_wake(now)  # a wake under way before the restart: wait for it, never re-start
             self._set_state(TierState.WAKING)
         elif "stopping" in states:
             self._set_state(TierState.STOPPING)
         logger.info("tier recovered", extra={"tier": self.tier, "state": self._state.value})
 
+    def _begin_wake(self, requested_at: float) -> budget.Wake:
+        self._wake = budget.Wake(requested_at, self.settings.budget_s, self.settings.hard_cap_s)
+        self._counts["wakes"] += 1
+        self._launch_wanted = LAUNCHED in self._book.engaged and not any(
+            m.group == LAUNCHED for m in self._book.members)
+        logger.info("wake started", extra={"tier": self.tier, "waiters": self._waiters})
+        return self._wake
+
     async def _run_wake(self) -> None:
         now = trio.current_time()
-        if self._state is TierState.INTERRUPTED and self._wake_wanted_at is None and not self._held(now):
-            # Lost every upstream without a notice: if someone stopped the instances, we are simply asleep.
+        if self._state is TierState.INTERRUPTED and self._wake_wanted_at is None and not self._book.held(now):
+            # Every upstream lost without a notice: if someone stopped the instances, we are simply asleep.
             await self._refresh_ec2()
-            states = {m.ec2_state for m in self._engaged_members() if m.instance_id}
+            states = self._book.states()
             if states and states <= {"stopping", "stopped", "terminated"}:
-                self._reset_capacity()
+                self._reset()
                 self._set_state(TierState.STOPPING if "stopping" in states else TierState.ASLEEP)
                 return
-        if self._wake is None:
-            self._wake = budget.Wake(self._wake_wanted_at or now, self.settings.budget_s, self.settings.hard_cap_s)
-            self._counts["wakes"] += 1
-            logger.info("wake started", extra={"tier": self.tier, "waiters": self._waiters})
+        wake = self._wake or self._begin_wake(self._wake_wanted_at or now)
         self._wake_wanted_at = None
-        wake = self._wake
         self._set_state(TierState.WAKING)
-        launched_this_wake = False
         while True:
             if await self._refresh_ec2():
                 await self._start_stopped(wake)
-                if self._launch_wanted and not launched_this_wake:
-                    launched_this_wake = True
+                if self._launch_wanted:
+                    self._launch_wanted = False
                     await self._launch()
-                if any(m.ec2_state == "running" for m in self._engaged_members()):
+                if any(m.ec2_state == "running" for m in self._book.engaged_members()):
                     wake.mark(budget.Phase.RUNNING, trio.current_time())
-            await self._probe(wake=True)
+            await self._probe(strict=True)
             now = trio.current_time()
             if self._routable:
                 wake.mark(budget.Phase.HEALTHY, now)
-                if wake.over_budget(now) or all(m.routable(now) for m in self._engaged_members()
-                                                if m.awaited(now)):
-                    return self._finish_wake(wake, now)
+            if self._book.wake_complete(now, over_budget=wake.over_budget(now)):
+                return self._finish_wake(wake, now)
             if wake.take_over_budget(now):
                 self._counts["budget"] += 1
                 logger.warning("wake over budget", extra={"tier": self.tier, "budget_s": self.settings.budget_s})
@@ -302,7 +275,7 @@ class Waker:
         self._wake = None
         self.fallback_tier = None
         self._idle = budget.IdleTracker(self.settings.idle_s, now)
-        logger.info("wake ready", extra={"tier": self.tier, "wake_s": round(self._last_wake_s or 0, 3),
+        logger.info("wake ready", extra={"tier": self.tier, "wake_s": round(self._last_wake_s or 0.0, 3),
                                          "timeline": self._last_timeline, "upstreams": self._routable})
         self._set_state(TierState.READY)
 
@@ -312,11 +285,11 @@ class Waker:
             await self._nap(self.settings.poll_s)
             if self._state is not TierState.READY:
                 return
-            activity = await self._probe(wake=False, activity=True)
+            activity = await self._probe(strict=False, activity=True)
             if self._state is not TierState.READY:
                 return  # every upstream lost: INTERRUPTED, handled by _run_wake
             now = trio.current_time()
-            lost = any(m.instance_id and not m.routable(now) for m in self._engaged_members())
+            lost = any(not m.routable(now) for m in self._book.instances())
             if lost and await self._refresh_ec2():  # repair: restart a host that was stopped under us
                 await self._start_stopped(None)
             if self._state is not TierState.READY:
@@ -330,26 +303,24 @@ class Waker:
         self._counts["stops"] += 1
         while True:
             try:
-                if not await self._refresh_ec2(everything=True):
-                    await self._nap(self.settings.poll_s)
-                    continue
-                mine = [m for m in self._members if m.instance_id]
-                stop = [m.instance_id for m in mine if m.group != LAUNCHED and m.ec2_state in _UP]
-                drop = [m.instance_id for m in mine if m.group == LAUNCHED and m.ec2_state != "terminated"]
-                if stop:
-                    await self._call(self._ec2_api.stop, stop)
-                    logger.info("StopInstances sent", extra={"tier": self.tier, "instance_ids": stop})
-                if drop:
-                    await self._call(self._ec2_api.terminate, drop)
-                    logger.info("TerminateInstances sent", extra={"tier": self.tier, "instance_ids": drop})
-                if not stop and not drop and all(m.ec2_state in ("stopped", "terminated") for m in mine):
-                    break
+                if await self._refresh_ec2(everything=True):
+                    mine = self._book.instances(everything=True)
+                    stop = [m.instance_id for m in mine if m.group != LAUNCHED and m.ec2_state in UP]
+                    drop = [m.instance_id for m in mine if m.group == LAUNCHED]
+                    if stop:
+                        await self._call(self._ec2.stop, stop)
+                        logger.info("StopInstances sent", extra={"tier": self.tier, "instance_ids": stop})
+                    if drop:
+                        await self._call(self._ec2.terminate, drop)
+                        logger.info("TerminateInstances sent", extra={"tier": self.tier, "instance_ids": drop})
+                    if not stop and not drop and all(m.ec2_state == "stopped" for m in mine):
+                        break
             except StateError:
-                pass  # pending: cannot stop yet, look again next poll
+                pass  # pending: cannot be stopped yet; look again next poll
             except Ec2Error as exc:
                 logger.warning("stop failed; retrying", extra={"tier": self.tier, "code": exc.code})
             await self._nap(self.settings.poll_s)
-        self._reset_capacity()
+        self._reset()
         self._set_state(TierState.ASLEEP)
 
     # ---- EC2 and probes -----------------------------------------------------------------------------
@@ -357,52 +328,37 @@ class Waker:
     async def _call(self, fn, *args):
         return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
 
-    async def _refresh_ec2(self, everything: bool = False) -> bool:
-        members = [m for m in (self._members if everything else self._engaged_members()) if m.instance_id]
+    def _url_of(self, inst: Instance) -> str | None:
+        if self.settings.upstream_tag:
+            return inst.tags.get(self.settings.upstream_tag)
+        return f"http://{inst.private_ip}:{self._port}" if inst.private_ip else None
+
+    async def _refresh_ec2(self, *, everything: bool = False) -> bool:
+        members = self._book.instances(everything=everything)
         try:
-            found = await self._call(self._ec2_api.describe, [m.instance_id for m in members])
+            found = await self._call(self._ec2.describe, [m.instance_id for m in members])
         except Ec2Error as exc:
             logger.warning("describe failed", extra={"tier": self.tier, "code": exc.code})
             return False
         now = trio.current_time()
         for m in members:
             inst = found.get(m.instance_id)
-            m.ec2_state = inst.state if inst else "terminated"
-            if m.ec2_state in _UP:
-                m.start_sent_at = m.no_capacity_at = None  # seen up: a later "stopped" is real
-            if m.ec2_state != "running":
-                m.healthy = False
-                if m.hold_until is not None and now < m.hold_until:
-                    m.hold_until = None  # the interruption happened: restart as usual
-            if m.group != PRIMARY and inst is not None:
-                tag = self.settings.upstream_tag
-                url = inst.tags.get(tag) if tag else (
-                    f"http://{inst.private_ip}:{self._port}" if inst.private_ip else None)
-                if url != m.url:
-                    m.url, m.healthy = url, False
-        # Terminated launch-template capacity is gone for good (and vanishes from DescribeInstances).
-        self._members = [m for m in self._members if not (m.group == LAUNCHED and m.ec2_state == "terminated")]
+            self._book.observe(m, inst.state if inst else "terminated", self._url_of(inst) if inst else None, now)
         self._update_routable()
         return True
 
     async def _start_stopped(self, wake: budget.Wake | None) -> None:
-        now = trio.current_time()
-        retry = self.settings.start_retry_s
         for group in (PRIMARY, FALLBACK, LAUNCHED):
-            ids = [m.instance_id for m in self._engaged_members() if m.group == group and m.instance_id
-                   and m.ec2_state == "stopped" and not self._held(now, m)
-                   and (m.start_sent_at is None or now - m.start_sent_at >= retry)
-                   and (m.no_capacity_at is None or now - m.no_capacity_at >= retry)]
+            now = trio.current_time()
+            ids = self._book.startable(group, now)
             if not ids:
                 continue
-            chosen = [m for m in self._members if m.instance_id in ids]
             try:
-                await self._call(self._ec2_api.start, ids)
+                await self._call(self._ec2.start, ids)
             except CapacityError as exc:
-                for m in chosen:
-                    m.no_capacity_at = now
+                self._book.note_start(ids, now, capacity=True)
                 logger.warning("no capacity", extra={"tier": self.tier, "instance_ids": ids, "code": exc.code})
-                if group == self._top():
+                if group == self._book.top():
                     self._escalate(exc.code)
                 continue
             except StateError:
@@ -410,20 +366,18 @@ class Waker:
             except Ec2Error as exc:
                 logger.warning("start failed", extra={"tier": self.tier, "instance_ids": ids, "code": exc.code})
                 continue
-            for m in chosen:
-                m.start_sent_at, m.no_capacity_at = now, None
+            self._book.note_start(ids, now, capacity=False)
             if wake is not None:
                 wake.mark(budget.Phase.START_SENT, now)
             logger.info("StartInstances sent", extra={"tier": self.tier, "instance_ids": ids})
 
     async def _launch(self) -> None:
-        count = max(1, len(self.settings.instance_ids))
         template = self.settings.fallback_launch_template
         assert template is not None
-        token = f"{self.tier}-{uuid.uuid4().hex[:16]}"
+        count = max(1, len(self.settings.instance_ids))
+        token = f"{self.tier}-{uuid.uuid4().hex[:16]}"  # a retried RunInstances launches nothing twice
         try:
-            launched = await self._call(self._ec2_api.run_from_template, template, count,
-                                        {TIER_TAG: self.tier}, token)
+            launched = await self._call(self._ec2.run_from_template, template, count, {TIER_TAG: self.tier}, token)
         except CapacityError as exc:
             logger.warning("launch template: no capacity", extra={"tier": self.tier, "code": exc.code})
             self._escalate(exc.code)
@@ -431,40 +385,33 @@ class Waker:
         except Ec2Error as exc:
             logger.error("launch template failed", extra={"tier": self.tier, "code": exc.code})
             return
-        self._members += [_Member(LAUNCHED, inst.id, None, ec2_state=inst.state) for inst in launched]
+        self._book.add_launched([(i.id, i.state) for i in launched])
         logger.info("RunInstances sent", extra={"tier": self.tier, "instance_ids": [i.id for i in launched]})
 
-    async def _probe(self, *, wake: bool, activity: bool = False) -> list[tuple[str, float, float]]:
+    async def _probe(self, *, strict: bool, activity: bool = False) -> list[tuple[str, float, float]]:
+        """Probe engaged running members; `strict` (waking) drops a host at its first failure."""
         samples: list[tuple[str, float, float]] = []
-        targets = [m for m in self._engaged_members()
-                   if m.url and (m.instance_id is None or m.ec2_state == "running")]
+        client = self._client
+        assert client is not None
 
-        async def one(m: _Member) -> None:
+        async def one(m: Member, url: str) -> None:
+            ok = False
             with trio.move_on_after(2 * self.settings.probe_timeout_s):
-                result = await probe.probe_ready(self._client, m.url, self.models, api_key=self._api_key)
-                self._note_health(m, result.ready, strict=wake)
-                if activity and result.ready:
-                    seen = await probe.probe_activity(self._client, m.url)
+                ok = (await probe.probe_ready(client, url, self.models, api_key=self._api_key)).ready
+                if ok and activity:
+                    seen = await probe.probe_activity(client, url)
                     # Unreadable metrics count as activity: never stop what we cannot see.
-                    samples.append((m.url, 1.0, 0.0) if seen is None else (m.url, seen.in_flight, seen.success_total))
-                return
-            self._note_health(m, False, strict=wake)
+                    samples.append((url, 1.0, 0.0) if seen is None else (url, seen.in_flight, seen.success_total))
+            if self._book.note_health(m, ok, strict=strict):
+                self._counts["down"] += 1
+                logger.warning("upstream failing health", extra={"tier": self.tier, "upstream": url})
 
         async with trio.open_nursery() as nursery:
-            for m in targets:
-                nursery.start_soon(one, m)
+            for m in self._book.engaged_members():
+                if m.url and (m.instance_id is None or m.ec2_state == "running"):
+                    nursery.start_soon(one, m, m.url)
         self._update_routable()
         return samples
-
-    def _note_health(self, m: _Member, ok: bool, *, strict: bool) -> None:
-        if ok:
-            m.healthy, m.failures = True, 0
-            return
-        m.failures += 1
-        if m.healthy and (strict or m.failures >= self.settings.health_failures):
-            m.healthy = False
-            self._counts["down"] += 1
-            logger.warning("upstream failing health", extra={"tier": self.tier, "upstream": m.url})
 
     # ---- interruptions ------------------------------------------------------------------------------
 
@@ -474,67 +421,43 @@ class Waker:
                            wait_s=self.settings.interruption_wait_s, poll_s=self.settings.poll_s)
 
     def _on_notice(self, notice: Notice) -> bool:
-        member = next((m for m in self._members if m.instance_id == notice.instance_id), None)
+        member = self._book.by_instance(notice.instance_id)
         if member is None:
-            return False
-        now = trio.current_time()
-        member.hold_until = now + self.settings.interruption_hold_s
+            return False  # another tier's instance: leave the message to it
+        member.hold_until = trio.current_time() + self.settings.interruption_hold_s
         self._counts["interruptions"] += 1
         logger.warning("spot notice: host out of rotation", extra={
             "tier": self.tier, "instance_id": notice.instance_id, "kind": notice.kind,
             "action": notice.action, "upstream": member.url})
         self._update_routable()
-        if not self._routable and member.group in self._engaged:
+        if not self._routable and member.group in self._book.engaged:
             self._escalate(notice.kind)
         self._kick.set()
         return True
 
     # ---- small helpers ------------------------------------------------------------------------------
 
-    def _engaged_members(self) -> list[_Member]:
-        return [m for m in self._members if m.group in self._engaged]
-
-    def _held(self, now: float, member: _Member | None = None) -> bool:
-        ms = [member] if member else self._members
-        return any(m.hold_until is not None and now < m.hold_until for m in ms)
-
-    def _top(self) -> str:
-        return max(self._engaged, key=_LADDER.index)
-
     def _escalate(self, reason: str, *, everything: bool = False) -> None:
-        for step in self._ladder:
-            if step in self._engaged:
-                continue
-            self._engaged.add(step)
+        for step in self._book.escalate(everything=everything):
             self._counts["fallbacks"] += 1
             if step == LAUNCHED:
                 self._launch_wanted = True
             elif step == TIER:
                 self.fallback_tier = self.settings.fallback_tier
             logger.warning("fallback engaged", extra={"tier": self.tier, "step": step, "reason": reason})
-            if not everything:
-                break
         self._kick.set()
 
-    def _reset_capacity(self) -> None:
-        self._members = [m for m in self._members if m.group != LAUNCHED]
-        for m in self._members:
-            m.healthy, m.failures, m.start_sent_at, m.no_capacity_at = False, 0, None, None
-        self._engaged = {PRIMARY}
+    def _reset(self) -> None:
+        self._book.reset()
         self._launch_wanted = False
         self.fallback_tier = None
         self._update_routable()
 
     def _update_routable(self) -> None:
-        now = trio.current_time()
-        self._routable = [m.url for m in self._engaged_members() if m.routable(now)]  # type: ignore[misc]
+        self._routable = self._book.routable(trio.current_time())
         if self._state is TierState.READY and not self._routable:
             self._set_state(TierState.INTERRUPTED)
             self._kick.set()
-
-    def _retry_after_s(self) -> int:
-        return budget.retry_after_s(self._wake, trio.current_time(), budget_s=self.settings.budget_s,
-                                    hard_cap_s=self.settings.hard_cap_s, last_wake_s=self._last_wake_s)
 
     def _set_state(self, new: TierState) -> None:
         old = self._state
