@@ -4,7 +4,18 @@ from __future__ import annotations
 
 import pytest
 
-from ops.budget import IdleTracker, Phase, Wake, remaining_s, retry_after_s
+from ops.budget import (
+    FALLBACK,
+    LAUNCHED,
+    PRIMARY,
+    TIER,
+    Book,
+    IdleTracker,
+    Phase,
+    Wake,
+    remaining_s,
+    retry_after_s,
+)
 
 
 def test_wake_budget_and_hard_cap() -> None:
@@ -64,3 +75,78 @@ def test_idle_tracker_counter_reset_counts_as_activity() -> None:
     assert not idle.is_idle(18.0)
     idle.touch(15.0)
     assert idle.idle_for(18.0) == 3.0
+
+
+def _book(**kw) -> Book:
+    args = {"instance_ids": ["i-a", "i-b"], "upstreams": ["http://a:8000", "http://b:8000"],
+            "fallback_ids": ["i-f"], "launch_template": True, "fallback_tier": True,
+            "health_failures": 2, "start_retry_s": 30.0}
+    args.update(kw)
+    return Book(**args)
+
+
+def test_book_ladder_engages_one_step_or_all() -> None:
+    book = _book()
+    assert book.ladder == [PRIMARY, FALLBACK, LAUNCHED, TIER] and book.top() == PRIMARY
+    assert book.escalate() == [FALLBACK] and book.top() == FALLBACK
+    assert book.escalate(everything=True) == [LAUNCHED, TIER]
+    assert book.escalate() == []
+    book.reset()
+    assert book.engaged == {PRIMARY}
+    assert _book(fallback_ids=[], launch_template=False, fallback_tier=False).escalate() == []
+
+
+def test_book_start_once_within_the_retry_window() -> None:
+    book = _book()
+    a, b = book.members[0], book.members[1]
+    book.observe(a, "stopped", None, 0.0)
+    book.observe(b, "running", None, 0.0)
+    assert book.startable(PRIMARY, 0.0) == ["i-a"]
+    book.note_start(["i-a"], 0.0, capacity=False)
+    assert book.startable(PRIMARY, 10.0) == []  # EC2 may still say "stopped": do not send it again
+    assert book.startable(PRIMARY, 30.0) == ["i-a"]
+    book.observe(a, "pending", None, 31.0)
+    book.observe(a, "stopped", None, 32.0)  # seen up, then stopped for real: start again at once
+    assert book.startable(PRIMARY, 32.0) == ["i-a"]
+    assert book.startable(FALLBACK, 32.0) == []  # not engaged
+
+
+def test_book_wake_complete_skips_instances_without_capacity() -> None:
+    book = _book()
+    a, b = book.members[0], book.members[1]
+    for m in (a, b):
+        book.observe(m, "running", None, 0.0)
+    book.note_health(a, True, strict=True)
+    assert book.routable(1.0) == ["http://a:8000"]
+    assert not book.wake_complete(1.0, over_budget=False)  # b is still awaited
+    assert book.wake_complete(1.0, over_budget=True)  # past the budget, one will do
+    book.note_start(["i-b"], 1.0, capacity=True)
+    assert book.wake_complete(1.0, over_budget=False)
+
+
+def test_book_health_holds_and_unreachable() -> None:
+    book = _book()
+    a = book.members[0]
+    book.observe(a, "running", None, 0.0)
+    book.note_health(a, True, strict=False)
+    assert not book.note_health(a, False, strict=False)  # one failure is tolerated when ready
+    assert book.note_health(a, False, strict=False) and book.routable(0.0) == []
+    book.note_health(a, True, strict=False)
+    a.hold_until = 100.0
+    assert book.routable(50.0) == [] and book.held(50.0) and book.routable(100.0) == ["http://a:8000"]
+    book.observe(a, "stopped", None, 60.0)  # the interruption happened
+    assert a.hold_until is None and not a.healthy
+    book.observe(a, "running", None, 61.0)
+    book.note_health(a, True, strict=True)
+    assert book.mark_down("http://a:8000") == 1 and book.routable(62.0) == []
+
+
+def test_book_launched_capacity_comes_and_goes() -> None:
+    book = _book()
+    book.add_launched([("i-l1", "pending")])
+    [launched] = [m for m in book.members if m.group == LAUNCHED]
+    assert LAUNCHED in book.engaged and launched.url is None
+    book.observe(launched, "running", "http://10.0.0.9:8000", 0.0)
+    assert launched.url == "http://10.0.0.9:8000"
+    book.observe(launched, "terminated", None, 1.0)
+    assert all(m.group != LAUNCHED for m in book.members)

@@ -124,17 +124,25 @@ async def test_capacity_error_launches_from_the_template(aws_url: str) -> None:
             await c.ec2_call("create_launch_template", LaunchTemplateName="gpu-spare",
                              LaunchTemplateData={"ImageId": "ami-12c6146b", "InstanceType": "g5.12xlarge"})
             c.tap.fail("StartInstances", "InsufficientInstanceCapacity", times=10)
-            waker = c.waker(fallback_launch_template="gpu-spare")
+            waker = c.waker(fallback_launch_template="gpu-spare", idle_s=1.0)
             await c.start(waker)
             await waker.wait_ready()
             [run] = [call for call in c.tap.calls if call.action == "RunInstances"]
             assert run.params["LaunchTemplate.LaunchTemplateName"] == "gpu-spare"
+            assert run.params["TagSpecification.1.Tag.1.Key"] == "spotinference:tier"
             [url] = waker.upstreams()
             assert url not in c.upstreams and url.startswith("http://127.0.0.1:")
-            # Idle sleep terminates launch-template capacity and stops the primaries.
-            waker2 = c.waker(fallback_launch_template="gpu-spare")
-            await c.start(waker2)  # a restarted gateway finds the tagged capacity again
-            assert waker2.is_ready() and waker2.upstreams() == [url]
+            second = c.waker(fallback_launch_template="gpu-spare")
+            restarted = await c.start(second)  # a restarted gateway finds the tagged capacity again
+            assert second.is_ready() and second.upstreams() == [url]
+            restarted.cancel()
+            # Idle: launch-template capacity is terminated (it is disposable), the primaries stay stopped.
+            await wait_for(lambda: waker.statistics().state is TierState.ASLEEP)
+            [terminate] = [call for call in c.tap.calls if call.action == "TerminateInstances"]
+            launched = terminate.params["InstanceId.1"]
+            assert launched not in c.primary
+            assert (await c.ec2_call("describe_instances", InstanceIds=[launched]))[
+                "Reservations"][0]["Instances"][0]["State"]["Name"] == "terminated"
 
 
 async def test_idle_sleep_then_next_request_wakes_again(aws_url: str) -> None:
