@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shlex
+import shutil
 
 import msgspec
 import pytest
@@ -143,3 +144,14 @@ def test_cli_render_errors(tmp_path, capsys, text: str, tier: str, message: str)
 def test_cli_render_missing_file(tmp_path, capsys) -> None:
     assert cmd_backend.main(["render", "--config", str(tmp_path / "absent.toml"), "--tier", "x"]) == 1
     assert "cannot read" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
+def test_systemd_analyze_accepts_the_rendered_units(tmp_path) -> None:
+    from tests.ops.test_systemd import verify_units
+
+    art = render("h100x2", ["qwen3-coder"], BACKEND)
+    vllm, agent = tmp_path / "vllm.service", tmp_path / "spotinference-spot-agent.service"
+    vllm.write_text(art.unit)
+    agent.write_text(art.agent_unit or "")
+    assert verify_units([vllm, agent]) == []
