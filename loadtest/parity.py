@@ -93,7 +93,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     _note_unpinned(cases, err)
     started = time.time()
-    attempts = _run_all(cases, (a, b), args.runs, args.concurrency, err)
+    try:
+        attempts = _run_all(cases, (a, b), args.runs, args.concurrency, err)
+    finally:
+        a.client.close()
+        b.client.close()
     report = build_report(cases, (a, b), attempts, started=started, runs=args.runs, golden=args.golden)
     Console(highlight=False).print(summary_table(report))
     try:
@@ -321,32 +325,34 @@ def summary_table(report: dict[str, Any]) -> Table:
     """The side-by-side terminal table."""
     a, b, cmp = report["a"], report["b"], report["comparison"]
     t = Table(title=f"parity: {len(report['cases'])} cases x {report['runs']} run(s), streaming and not",
-              title_justify="left")
-    t.add_column("")
-    t.add_column("A", justify="right")
-    t.add_column("B", justify="right")
-    rows = [
-        ("endpoint", a["url"], b["url"]),
-        ("model", a["model"], b["model"]),
-        ("requests (errors)", f"{a['requests']} ({a['errors']})", f"{b['requests']} ({b['errors']})"),
-        ("prompt tokens (usage)", f"{a['prompt_tokens']:,}", f"{b['prompt_tokens']:,}"),
-        ("completion tokens (usage)", f"{a['completion_tokens']:,}", f"{b['completion_tokens']:,}"),
-        ("TTFT P50 / P95", f"{_ms(a['ttft_ms']['p50'])} / {_ms(a['ttft_ms']['p95'])}",
-         f"{_ms(b['ttft_ms']['p50'])} / {_ms(b['ttft_ms']['p95'])}"),
-        ("latency P50 / P95 (non-stream)", f"{_ms(a['latency_ms']['p50'])} / {_ms(a['latency_ms']['p95'])}",
-         f"{_ms(b['latency_ms']['p50'])} / {_ms(b['latency_ms']['p95'])}"),
-        ("stream total P50 / P95", f"{_ms(a['stream_total_ms']['p50'])} / {_ms(a['stream_total_ms']['p95'])}",
-         f"{_ms(b['stream_total_ms']['p50'])} / {_ms(b['stream_total_ms']['p95'])}"),
-        ("tool-call validity", _pct(a["tool_valid_rate"]), _pct(b["tool_valid_rate"])),
-        ("structured-output validity", _pct(a["schema_valid_rate"]), _pct(b["schema_valid_rate"])),
-        ("stream == non-stream output", _pct(a["stream_consistency"]), _pct(b["stream_consistency"])),
-    ]
-    for row in rows:
-        t.add_row(*row)
+              title_justify="left", caption="tokens: from usage; latency: non-streaming; total: streaming",
+              caption_justify="left")
+    t.add_column("", no_wrap=True)
+    t.add_column("A", justify="right", overflow="fold")
+    t.add_column("B", justify="right", overflow="fold")
+
+    def both(fn: Any) -> tuple[str, str]:
+        return fn(a), fn(b)
+
+    def p50_95(key: str) -> Any:
+        return lambda s: f"{_ms(s[key]['p50'])} / {_ms(s[key]['p95'])}"
+
+    t.add_row("endpoint", *both(lambda s: s["url"]))
+    t.add_row("model", *both(lambda s: s["model"]))
+    t.add_row("requests (errors)", *both(lambda s: f"{s['requests']} ({s['errors']})"))
+    t.add_row("prompt tokens", *both(lambda s: f"{s['prompt_tokens']:,}"))
+    t.add_row("completion tokens", *both(lambda s: f"{s['completion_tokens']:,}"))
+    t.add_row("TTFT P50 / P95", *both(p50_95("ttft_ms")))
+    t.add_row("latency P50 / P95", *both(p50_95("latency_ms")))
+    t.add_row("total P50 / P95", *both(p50_95("stream_total_ms")))
+    t.add_row("tool calls valid", *both(lambda s: _pct(s["tool_valid_rate"])))
+    t.add_row("structured valid", *both(lambda s: _pct(s["schema_valid_rate"])))
+    t.add_row("stream = non-stream", *both(lambda s: _pct(s["stream_consistency"])))
     t.add_section()
+    sim = "-" if cmp["mean_similarity"] is None else f"{cmp['mean_similarity']:.3f}"
     t.add_row("exact match A = B", f"{cmp['exact_cases']} / {cmp['compared_cases']} cases", "")
-    t.add_row("mean similarity A ~ B", "-" if cmp["mean_similarity"] is None else f"{cmp['mean_similarity']:.3f}", "")
-    t.add_row("cases with token differences", str(cmp["token_mismatch_cases"]), "")
+    t.add_row("mean similarity", sim, "")
+    t.add_row("token differences", f"{cmp['token_mismatch_cases']} cases", "")
     return t
 
 

@@ -148,7 +148,7 @@ def _ticks(hi: float, count: int = 5) -> list[float]:
     raw = hi / count
     mag = 10 ** math.floor(math.log10(raw))
     step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
-    return [i * step for i in range(int(hi / step) + 2) if i * step <= hi * 1.0001 + step]
+    return [i * step for i in range(int(hi / step + 1e-9) + 1)]
 
 
 def _fmt(v: float) -> str:
@@ -235,7 +235,7 @@ def bar_plot(report: dict[str, Any]) -> str:
 
 def cdf_plot(report: dict[str, Any], metric: str, label: str) -> str:
     """Empirical CDF of one metric for A and B; the P95 line shows the tail."""
-    w, h, left, bottom, top = 440, 280, 50, 45, 15
+    w, h, left, bottom, top = 440, 290, 50, 45, 30
     series = {s: sorted(_values(report["cases"], s, metric)) for s in ("a", "b")}
     hi = max((v[-1] for v in series.values() if v), default=1.0) * 1.05
     xs = lambda v: left + (w - left - 15) * v / hi
@@ -244,15 +244,16 @@ def cdf_plot(report: dict[str, Any], metric: str, label: str) -> str:
     for p in (0.0, 0.5, 0.95, 1.0):
         cls = "p95" if p == 0.95 else "grid"
         body.append(f'<line x1="{left}" y1="{ys(p):.1f}" x2="{w - 15}" y2="{ys(p):.1f}" class="{cls}"/>')
-        body.append(f'<text x="{left - 6}" y="{ys(p) + 4:.1f}" text-anchor="end">{p:g}</text>')
+        if p < 1.0:  # 1 would sit on top of 0.95
+            body.append(f'<text x="{left - 6}" y="{ys(p) + 4:.1f}" text-anchor="end">{p:g}</text>')
     for side, vals in series.items():
         if not vals:
             continue
-        pts = [f"{xs(0):.1f},{ys(0):.1f}"]
+        pts = [f"{xs(vals[0]):.1f},{ys(0):.1f}"]
         for i, v in enumerate(vals):
             pts += [f"{xs(v):.1f},{ys(i / len(vals)):.1f}", f"{xs(v):.1f},{ys((i + 1) / len(vals)):.1f}"]
         body.append(f'<polyline points="{" ".join(pts)}" fill="none" stroke="{COLORS[side]}" stroke-width="2"/>')
-    body.append(f'<text x="{left + 4}" y="{top + 12}" class="small">{label}: fraction of requests ≤ x</text>')
+    body.append(f'<text x="{left}" y="14">{label}: fraction of requests ≤ x (dashed: 0.95)</text>')
     return _svg(f"plot-cdf-{metric}", f"CDF of {label}", w, h, body)
 
 
@@ -303,8 +304,9 @@ def _case_rows(cases: list[dict[str, Any]]) -> str:
             + f"<td>{len(a['errors'])} / {len(b['errors'])}</td></tr>")
         notes = "".join(f"<li>{side.upper()}: {html.escape(p)}</li>" for side in ("a", "b")
                         for p in c[side]["problems"] + c[side]["errors"])
+        is_open = " open" if notes else ""  # failures are shown without a click
         rows.append(
-            f'<tr class="detail"><td colspan="12"><details id="d-{html.escape(c["id"])}"><summary>diff</summary>'
+            f'<tr class="detail"><td colspan="12"><details id="d-{html.escape(c["id"])}"{is_open}><summary>diff</summary>'
             f'<pre class="diff">{word_diff(a["text"], b["text"])}</pre>'
             + (f"<ul>{notes}</ul>" if notes else "") + "</details></td></tr>")
     return "".join(rows)
