@@ -194,8 +194,8 @@ async def run_bench(cfg: BenchConfig, on_done: Any = None) -> list[Stream]:
     return results
 
 
-def _dist(values: list[float], qs: tuple[int, ...] = (50, 95, 99)) -> dict[str, float | None]:
-    return {f"p{q}": percentile(values, q) for q in qs}
+def _dist(values: list[float]) -> dict[str, float | None]:
+    return {f"p{q}": percentile(values, q) for q in (5, 50, 95, 99)}
 
 
 def summarize(cfg: BenchConfig, streams: list[Stream]) -> dict[str, Any]:
@@ -216,8 +216,7 @@ def summarize(cfg: BenchConfig, streams: list[Stream]) -> dict[str, Any]:
         "decode_tokens_per_s": {
             "median": statistics.median(rates) if rates else None,
             "mean": statistics.fmean(rates) if rates else None,
-            "p5": percentile(rates, 5), "p95": percentile(rates, 95),
-            "min": min(rates, default=None), "max": max(rates, default=None), "streams": len(rates),
+            **_dist(rates), "min": min(rates, default=None), "max": max(rates, default=None), "streams": len(rates),
         },
         "ttft_ms": _dist(ttfts), "itl_ms": _dist(itls),
         "aggregate_tokens_per_s": tokens / wall if wall > 0 else None,
@@ -236,22 +235,21 @@ def _f(v: float | None, unit: str = "", digits: int = 1) -> str:
 
 
 def table(fig: dict[str, Any]) -> Table:
-    """The terminal table for a summary."""
-    d, tt, itl, tc = fig["decode_tokens_per_s"], fig["ttft_ms"], fig["itl_ms"], fig["token_count"]
-    t = Table(title=f"throughput: {fig['model']} at {fig['url']} · {fig['concurrency']} streams, "
+    """The terminal table for a summary: one row per distribution, then the totals."""
+    d, tc = fig["decode_tokens_per_s"], fig["token_count"]
+    t = Table(title=f"throughput: {fig['model']} at {fig['url']}\n{fig['concurrency']} streams, "
               f"{fig['requests']} requests x {fig['max_tokens']} tokens", title_justify="left")
     t.add_column("figure")
-    for col in ("P50", "P95", "P99"):
+    for col in ("P5", "P50", "P95", "P99"):
         t.add_column(col, justify="right")
-    t.add_row("decode tokens/s per stream (median, p5, p95)", _f(d["median"], "", 2), _f(d["p5"], "", 2),
-              _f(d["p95"], "", 2))
-    t.add_row("TTFT", _f(tt["p50"], " ms"), _f(tt["p95"], " ms"), _f(tt["p99"], " ms"))
-    t.add_row("inter-token latency", _f(itl["p50"], " ms", 2), _f(itl["p95"], " ms", 2), _f(itl["p99"], " ms", 2))
+    t.add_row("decode tokens/s per stream", *(_f(d[f"p{q}"], "", 2) for q in (5, 50, 95, 99)))
+    t.add_row("TTFT (ms)", *(_f(fig["ttft_ms"][f"p{q}"]) for q in (5, 50, 95, 99)))
+    t.add_row("inter-token latency (ms)", *(_f(fig["itl_ms"][f"p{q}"], "", 2) for q in (5, 50, 95, 99)))
     t.add_section()
-    t.add_row("aggregate tokens/s", _f(fig["aggregate_tokens_per_s"]), "", "")
-    t.add_row("completion tokens (usage / events)", f"{tc['usage']:,} / {tc['events']:,}", "", "")
-    t.add_row("requests ok (errors)", f"{fig['ok']} ({fig['errors']})", "", "")
-    t.add_row("wall time", _f(fig["wall_s"], " s", 2), "", "")
+    t.add_row("aggregate tokens/s", _f(fig["aggregate_tokens_per_s"]))
+    t.add_row("tokens: usage / events", f"{tc['usage']:,} / {tc['events']:,}")
+    t.add_row("requests ok (errors)", f"{fig['ok']} ({fig['errors']})")
+    t.add_row("wall time (s)", _f(fig["wall_s"], "", 2))
     return t
 
 
