@@ -12,7 +12,7 @@ import sys
 
 _SUBCOMMANDS = {
     "overhead": ("loadtest.overhead", "added latency vs direct and nginx, CPU per request, scale checks"),
-    "throughput": ("loadtest.throughput", "sustained throughput of the gateway"),
+    "throughput": ("loadtest.throughput", "decode tokens/s, TTFT and ITL of a fleet under canned streaming traffic"),
 }
 
 

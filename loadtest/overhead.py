@@ -227,19 +227,27 @@ class Pool:
         else:
             conn.close()
 
-    async def fill(self, n: int, parallel: int = 64) -> None:
-        """Pre-open connections until `n` are idle (so cells do not measure TCP handshakes)."""
+    async def fill(self, n: int, parallel: int = 64) -> list[str]:
+        """Pre-open connections until `n` are idle (so cells do not measure TCP handshakes).
+
+        Returns the kinds of the connect errors met (empty when all opened)."""
         missing = n - len(self.idle)
         limiter = trio.CapacityLimiter(parallel)
+        failures: list[str] = []
 
         async def one() -> None:
             async with limiter:
-                conn = await Conn.open(self.host, self.port)
+                try:
+                    conn = await Conn.open(self.host, self.port)
+                except (OSError, trio.TooSlowError) as exc:
+                    failures.append(f"connect: {type(exc).__name__}")
+                    return
                 self.put(conn)
 
         async with trio.open_nursery() as nursery:
             for _ in range(max(0, missing)):
                 nursery.start_soon(one)
+        return failures
 
     def close_all(self) -> None:
         for conn in self.idle:
@@ -271,12 +279,18 @@ class Stat:
     gaps: array = field(default_factory=lambda: array("d"))  # ms between consecutive SSE events
     ok: int = 0
     errors: int = 0
+    error_kinds: dict[str, int] = field(default_factory=dict)  # "status 502", "TooSlowError", ...
     events: int = 0
     cpu_s: float = 0.0
     wall_s: float = 0.0
 
+    def error(self, kind: str) -> None:
+        self.errors += 1
+        self.error_kinds[kind] = self.error_kinds.get(kind, 0) + 1
+
     def summary(self) -> dict:
-        out = {"n": self.ok, "errors": self.errors, "events": self.events, "wall_s": round(self.wall_s, 3)}
+        out = {"n": self.ok, "errors": self.errors, "error_kinds": self.error_kinds, "events": self.events,
+               "wall_s": round(self.wall_s, 3)}
         out["rate_per_s"] = round(self.ok / self.wall_s, 1) if self.wall_s else None
         out["events_per_s"] = round(self.events / self.wall_s, 1) if self.wall_s and self.events else None
         out["latency_ms"] = percentiles(self.lat)
@@ -331,21 +345,21 @@ async def _one(target: Target, request: bytes, stat: Stat, t_start: float, strea
         with trio.fail_after(REQUEST_TIMEOUT_S):
             conn = await target.pool.get()
             status = await conn.exchange(request, times)
-    except _CLIENT_ERRORS:
-        stat.errors += 1
+    except _CLIENT_ERRORS as exc:
+        stat.error(type(exc).__name__)
         if conn is not None:
             conn.close()
         return
     target.pool.put(conn)
     if status != 200:
-        stat.errors += 1
+        stat.error(f"status {status}")
         return
     stat.ok += 1
     if not stream:
         stat.lat.append((trio.current_time() - t_start) * 1000.0)
         return
     if not times:
-        stat.errors += 1  # a 200 stream without a single event
+        stat.error("stream without events")
         return
     stat.events += len(times)
     stat.lat.append((times[0] - t_start) * 1000.0)
@@ -400,7 +414,7 @@ async def _open_loop(nursery: trio.Nursery, target: Target, shape: Shape, reques
         if trio.current_time() < t_sched:
             await trio.sleep_until(t_sched)
         if inflight[0] >= OPEN_LOOP_MAX_INFLIGHT:
-            stat.errors += 1  # the target cannot keep up with the offered load
+            stat.error("open-loop backlog full")  # the target cannot keep up with the offered load
             continue
         inflight[0] += 1
         nursery.start_soon(tracked, t_sched)
@@ -412,7 +426,8 @@ async def run_cell(targets: list[Target], shape: Shape, requests: dict[str, byte
     stats = {t.name: Stat() for t in targets}
     warm = shape.concurrency or int(min(512, shape.rate * 0.05 + 16))
     for t in targets:
-        await t.pool.fill(warm)
+        for kind in await t.pool.fill(warm):
+            stats[t.name].error(kind)
     for r in range(rounds):
         k = r % len(targets)
         for t in targets[k:] + targets[:k]:
@@ -532,11 +547,10 @@ def start_rig(workdir: Path, stack: ExitStack, use_nginx: bool) -> Rig:
 
 @dataclass(frozen=True)
 class Plan:
+    duration_s: float  # per target per cell, split into slices
     slice_s: float  # one slice of one target in latency cells
-    rounds: int  # slices per target per cell
-    stream_slice_s: float
+    stream_slice_s: float  # SSE gap cells: streams last ~0.2 s, so longer slices
     sat_slice_s: float
-    sat_rounds: int
     concurrency: tuple[int, ...] = (1, 16, 64)
     rates: tuple[float, ...] = (100.0, 500.0, 1000.0)
     sse_streams: tuple[int, ...] = (50, 100, 200)
@@ -545,15 +559,17 @@ class Plan:
 
     @classmethod
     def full(cls, duration_s: float) -> Plan:
-        rounds = max(2, round(duration_s / 0.5))
-        return cls(slice_s=0.5, rounds=rounds, stream_slice_s=1.0, sat_slice_s=1.0,
-                   sat_rounds=max(2, round(duration_s / 1.0)))
+        return cls(duration_s=duration_s, slice_s=0.5, stream_slice_s=1.0, sat_slice_s=1.0)
 
     @classmethod
     def quick(cls) -> Plan:
-        return cls(slice_s=0.15, rounds=2, stream_slice_s=0.3, sat_slice_s=0.2, sat_rounds=1,
+        return cls(duration_s=0.3, slice_s=0.15, stream_slice_s=0.3, sat_slice_s=0.2,
                    concurrency=(1, 16), rates=(100.0,), sse_streams=(20,), big_streams=100,
                    idle_conns=300)
+
+    def rounds(self, slice_s: float) -> int:
+        """Slices per target per cell for slices of `slice_s`: at least one each."""
+        return max(1, round(self.duration_s / slice_s))
 
 
 # --- measuring -------------------------------------------------------------------------------------
@@ -581,9 +597,16 @@ def throughput_row(row_id: str, label: str, shape: Shape, stats: dict[str, Stat]
     key = "rate_per_s" if per == "req" else "events_per_s"
     gw = targets.get("gateway", {}).get(key)
     ng = targets.get("nginx", {}).get(key)
+    cpu = targets.get("gateway", {}).get("cpu_us_per_req" if per == "req" else "cpu_us_per_event")
+    per_core = round(1e6 / cpu) if cpu else None
+    if per_core and not note:
+        unit = "req" if per == "req" else "event"
+        note = (f"gateway CPU {cpu:.1f} us/{unit} -> ~{per_core:,}/s if one core were its own "
+                "(2 cores here are shared with the sim and this load generator)")
     return {
         "id": row_id, "label": label, "kind": "throughput", "metric": key, "shape": shape.__dict__.copy(),
         "targets": targets, "ratio": round(gw / ng, 3) if gw and ng else None,
+        "gateway_per_core_per_s": per_core,
         "budget": None if budget is None else {"text": f">= {budget:,.0f}/s", "ok": bool(gw and gw >= budget)},
         "errors": sum(s.errors for s in stats.values()), "note": note,
     }
@@ -591,13 +614,21 @@ def throughput_row(row_id: str, label: str, shape: Shape, stats: dict[str, Stat]
 
 async def measure(rig: Rig, plan: Plan, key: str | None, log) -> list[dict]:
     """All cells of one run, in order; returns the rows of the report."""
+    try:
+        return await _measure(rig, plan, key, log)
+    finally:
+        rig.close_pools()  # trio sockets must be closed inside trio.run
+
+
+async def _measure(rig: Rig, plan: Plan, key: str | None, log) -> list[dict]:
     rows: list[dict] = []
 
     async def latency_cells(profile: str, metric: str, shapes) -> None:
         targets = rig.side_by_side(profile)
         for row_id, label, shape, budget, slice_s in shapes:
             log(f"  {label}")
-            stats = await run_cell(targets, shape, requests_for(targets, shape, key), plan.rounds, slice_s)
+            stats = await run_cell(targets, shape, requests_for(targets, shape, key), plan.rounds(slice_s),
+                                   slice_s)
             rows.append(latency_row(row_id, label, shape, stats, metric, budget))
         for t in targets:
             t.pool.close_all()
@@ -626,12 +657,14 @@ async def measure(rig: Rig, plan: Plan, key: str | None, log) -> list[dict]:
     targets = rig.side_by_side("zero", ("gateway-w2",))
     note = "--workers 2 on 2 cores shared with the load generator and the sim: shape, not limit"
     shape = Shape("chat", concurrency=64, max_tokens=16)
-    stats = await run_cell(targets, shape, requests_for(targets, shape, key), plan.sat_rounds, plan.sat_slice_s)
+    stats = await run_cell(targets, shape, requests_for(targets, shape, key), plan.rounds(plan.sat_slice_s),
+                           plan.sat_slice_s)
     rows.append(throughput_row("sat_chat", "max chat req/s, 64 conns", shape, stats, "req", 3000.0))
     if "zero-w2" in rig.gateways:
         rows.append(_w2_row("sat_chat_w2", "max chat req/s, 2 workers", rows[-1], note))
     shape = Shape("stream", concurrency=16, max_tokens=200)
-    stats = await run_cell(targets, shape, requests_for(targets, shape, key), plan.sat_rounds, plan.sat_slice_s)
+    stats = await run_cell(targets, shape, requests_for(targets, shape, key), plan.rounds(plan.sat_slice_s),
+                           plan.sat_slice_s)
     rows.append(throughput_row("sat_sse", "max SSE events/s, 16 str.", shape, stats, "event",
                                50000.0))
     if "zero-w2" in rig.gateways:
@@ -662,10 +695,8 @@ async def big_streams(rig: Rig, n: int, key: str | None) -> dict:
     stats = {t.name: Stat() for t in targets}
     for t in targets:
         stat = stats[t.name]
-        try:
-            await t.pool.fill(n, parallel=100)
-        except _CLIENT_ERRORS:
-            stat.errors += n - len(t.pool.idle)
+        for kind in await t.pool.fill(n, parallel=100):
+            stat.error(kind)
         cpu0 = procs.cpu_seconds(t.pids) if t.pids else 0.0
         t0 = trio.current_time()
 
@@ -699,7 +730,7 @@ async def idle_connections(rig: Rig, plan: Plan, key: str | None) -> dict:
     # A real (cheap) request makes each connection a used keep-alive connection, not just an accept.
     request = build_request(gw.port, chat_body(False, 1), "/v1/chat/completions", key)
     held: list[Conn] = []
-    errors = [0]
+    opening = Stat()
     limiter = trio.CapacityLimiter(200)
     rss0 = procs.rss_bytes(gw.pids)
 
@@ -710,39 +741,51 @@ async def idle_connections(rig: Rig, plan: Plan, key: str | None) -> dict:
                 with trio.fail_after(REQUEST_TIMEOUT_S):
                     conn = await Conn.open(gw.host, gw.port)
                     status = await conn.exchange(request)
-            except _CLIENT_ERRORS:
-                errors[0] += 1
+            except _CLIENT_ERRORS as exc:
+                opening.error(type(exc).__name__)
                 if conn is not None:
                     conn.close()
                 return
-            if status != 200 or not conn.keep:
-                errors[0] += 1
+            if status != 200:
+                opening.error(f"status {status}")
+            if not conn.keep:
+                opening.error("not keep-alive")
+                conn.close()
+                return
+            opening.ok += 1
             held.append(conn)
 
     try:
+        t0 = trio.current_time()
         async with trio.open_nursery() as nursery:
             for _ in range(n):
                 nursery.start_soon(open_one)
+        opening.wall_s = trio.current_time() - t0
         await trio.sleep(0.5)  # let the gateway settle before reading its memory
         rss1 = procs.rss_bytes(gw.pids)
         shape = Shape("chat", concurrency=1)
         targets = rig.side_by_side("chat")
-        stats = await run_cell(targets, shape, requests_for(targets, shape, key), plan.rounds, plan.slice_s)
-        still_open = n - _count_closed(held)
+        stats = await run_cell(targets, shape, requests_for(targets, shape, key), plan.rounds(plan.slice_s),
+                               plan.slice_s)
+        closed = _count_closed(held)
     finally:
         for conn in held:
             conn.close()
         for t in rig.side_by_side("chat"):
             t.pool.close_all()
+    still_open = len(held) - closed
     row = latency_row("idle_10k", f"chat c=1, {n:,} idle conns", shape, stats, "latency_ms", None)
     row["kind"] = "scale"
-    row["errors"] += errors[0] + (n - still_open)
+    row["errors"] += opening.errors + closed
     per_conn = (rss1 - rss0) / max(1, len(held))
-    row["idle"] = {"requested": plan.idle_conns, "opened": len(held), "open_at_end": still_open,
-                   "errors": errors[0], "rss_before": rss0, "rss_after": rss1,
+    row["idle"] = {"requested": plan.idle_conns, "target": n, "opened": len(held), "open_at_end": still_open,
+                   "closed_by_server": closed, "errors": opening.errors, "error_kinds": opening.error_kinds,
+                   "open_s": round(opening.wall_s, 2), "rss_before": rss0, "rss_after": rss1,
                    "rss_bytes_per_conn": round(per_conn, 1)}
     row["budget"] = {"text": "0 errors", "ok": row["errors"] == 0}
-    row["note"] = f"{still_open:,}/{n:,} open at end; RSS {per_conn / 1024:.1f} KiB/conn"
+    kinds = ", ".join(f"{k} x{v}" for k, v in opening.error_kinds.items())
+    row["note"] = (f"{still_open:,}/{n:,} open at end; RSS {per_conn / 1024:.1f} KiB/conn"
+                   + (f"; errors while opening: {kinds}" if kinds else ""))
     return row
 
 
@@ -897,7 +940,6 @@ def main(argv: list[str] | None = None) -> int:
         except procs.StartError as exc:
             err.print(f"[red]could not start the processes under test:[/red] {exc}")
             return 2
-        stack.callback(rig.close_pools)
         for note in rig.notes:
             err.print(note)
         rows = trio.run(measure, rig, plan, None, lambda msg: err.print(msg))
