@@ -1,0 +1,67 @@
+"""Smoke test of loadtest/locustfile.py: a 5-second headless locust run against a sim and the gateway.
+
+Strategy: start `spotinference sim` and `spotinference serve` as subprocesses on port 0 (readiness
+from their own stdout line), run locust headless with --host at the gateway and LOADTEST_DIRECT_HOST
+at the sim, so one run covers both sides, then read the CSV: every request name of the mix is there
+with requests and no failures, including the separate "chat stream TTFB" metric. No timing checks.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from loadtest import procs
+
+pytest.importorskip("locust")
+
+LOCUSTFILE = Path(__file__).resolve().parents[2] / "loadtest" / "locustfile.py"
+NAMES = ("chat", "chat stream", "chat stream TTFB", "embeddings")
+
+
+def test_locust_headless_against_sim_and_gateway(tmp_path):
+    started: list[procs.Proc] = []
+    try:
+        sim = procs.launch("sim", procs.sim_argv(latency_ms=2, ttft_ms=2, tokens_per_s=500), tmp_path)
+        started.append(sim)
+        procs.wait_ready(sim)
+        gateway = procs.launch_gateway("gateway", [sim.url], tmp_path)
+        started.append(gateway)
+        procs.wait_ready(gateway)
+
+        csv_prefix = tmp_path / "locust"
+        argv = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "-u", "6", "-r", "6",
+                "-t", "5s", "--host", gateway.url, "--csv", str(csv_prefix), "--only-summary",
+                "--stop-timeout", "5"]
+        env = {**os.environ, "LOADTEST_DIRECT_HOST": sim.url, "LOADTEST_LABEL": "gateway",
+               "LOADTEST_MAX_TOKENS": "8"}
+        proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True, cwd=tmp_path)
+        try:
+            output, _ = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.communicate()
+    finally:
+        for p in reversed(started):
+            p.stop()
+
+    assert proc.returncode == 0, output[-3000:]
+    with open(f"{csv_prefix}_stats.csv", newline="") as f:
+        stats = {row["Name"]: row for row in csv.DictReader(f)}
+    for side in ("gateway", "direct"):
+        for name in NAMES:
+            row = stats.get(f"[{side}] {name}")
+            assert row is not None, (side, name, sorted(stats))
+            assert int(row["Request Count"]) > 0, (side, name)
+            assert int(row["Failure Count"]) == 0, (side, name)
+            for col in ("50%", "95%", "99%"):
+                assert row[col] not in ("", "N/A"), (side, name, col)
+    assert int(stats["Aggregated"]["Failure Count"]) == 0

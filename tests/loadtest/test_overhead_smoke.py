@@ -1,0 +1,87 @@
+"""Smoke test of `spotinference bench overhead --quick`: it runs end to end, with zero errors.
+
+Strategy: run the harness exactly as CI and users do -- a subprocess of the real command -- with a
+work directory under tmp_path, then check the JSON's shape and that the table was printed. Never a
+wall-clock threshold: the numbers are only checked to exist. nginx is used when installed and its
+absence is reported, not failed; the gateway (`spotinference serve`) and the sim must be present.
+Afterwards no process started by the run may survive (they carry a marker in their environment).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+from loadtest import procs
+
+RUN_TIMEOUT_S = 300
+
+
+def _run_quick(tmp_path) -> tuple[subprocess.CompletedProcess, dict | None]:
+    out = tmp_path / "bench.json"
+    workdir = tmp_path / "work"
+    argv = [sys.executable, "-m", "proxy", "bench", "overhead", "--quick", "--json", str(out),
+            "--workdir", str(workdir)]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=RUN_TIMEOUT_S)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+        for pid in procs.marked_pids(workdir):  # children die with the harness; make sure of it
+            os.kill(pid, signal.SIGKILL)
+    done = subprocess.CompletedProcess(argv, proc.returncode, stdout, stderr)
+    return done, (json.loads(out.read_text()) if out.exists() else None)
+
+
+def test_quick_mode_runs_clean_and_reports(tmp_path):
+    done, report = _run_quick(tmp_path)
+    assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    assert procs.marked_pids(tmp_path / "work") == [], "a process of the run outlived it"
+
+    # The one table and its verdict line.
+    assert "spotinference bench overhead" in done.stdout
+    assert "+gateway" in done.stdout
+    assert "errors: 0" in done.stdout
+
+    assert report is not None
+    assert report["errors"] == 0
+    meta = report["meta"]
+    for key in ("date", "mode", "machine", "versions", "plan"):
+        assert key in meta
+    assert meta["mode"] == "quick"
+    with_nginx = report["nginx"]
+    assert with_nginx == (procs.nginx_binary() is not None)
+
+    rows = {row["id"]: row for row in report["rows"]}
+    expected = {"chat_c1", "chat_c16", "chat_open100", "ttfb_c1", "ttfb_open100", "sse_20", "sat_chat",
+                "sat_sse", "streams_1000", "idle_10k"}
+    assert expected <= set(rows)
+    for row in rows.values():
+        assert row["errors"] == 0, row["id"]
+        targets = row["targets"]
+        if row["kind"] == "throughput":
+            assert row["metric"] in ("rate_per_s", "events_per_s")
+            for name, summary in targets.items():
+                assert summary[row["metric"]] > 0, (row["id"], name)
+            continue
+        assert set(targets) >= {"direct", "gateway"} | ({"nginx"} if with_nginx else set())
+        proxies = {"gateway", "nginx"} if with_nginx else {"gateway"}
+        assert set(row["added"]) == proxies
+        for name, summary in targets.items():
+            assert summary["n"] > 0 and summary["errors"] == 0, (row["id"], name)
+            dist = summary[row["metric"]]
+            assert dist["p50"] <= dist["p95"] <= dist["p99"]
+        for name in proxies:
+            assert set(row["added"][name]) == {"p50", "p95", "p99"}
+    # CPU accounting of the gateway came back for requests and for relayed events.
+    assert rows["chat_c1"]["targets"]["gateway"]["cpu_us_per_req"] is not None
+    assert rows["sse_20"]["targets"]["gateway"]["cpu_us_per_event"] is not None
+    idle = rows["idle_10k"]["idle"]
+    assert idle["opened"] == idle["requested"] == idle["open_at_end"]
+    assert idle["rss_bytes_per_conn"] is not None
