@@ -54,7 +54,7 @@ class Gateway:
         self.workers = max(1, workers)  # each worker enforces its share of a key's limits
         self.usage = None  # UsageLog, started by run_gateway when [usage] path is set
         self.open_connections = 0
-        self.idle_scopes: set = set()  # cancel scopes of connections waiting for their next request
+        self.connections: set = set()  # open Downstream objects (a drain closes the idle ones)
         self.server = None  # proxy.server.Server, set when serving
         self._services: trio.Nursery | None = None  # long-lived tasks: usage writer, metrics, wakers
         self.metrics.register_stats_source("upstream_pool", self.pool.statistics)
@@ -83,9 +83,11 @@ class Gateway:
         return {name: t.waker.statistics() for name, t in self.runtime.router.tiers.items() if t.waker is not None}
 
     def close_idle_connections(self) -> None:
-        for scope in list(self.idle_scopes):
-            scope.cancel()
-        self.idle_scopes.clear()
+        from proxy.connection import IDLE
+
+        for ds in list(self.connections):
+            if ds.phase is IDLE and ds.scope is not None:
+                ds.scope.cancel()
 
     # -- request path hooks ---------------------------------------------------------------------
     async def dispatch(self, ds, request) -> None:
@@ -165,12 +167,14 @@ class Gateway:
             "prompt_tokens": ex.prompt_tokens, "completion_tokens": ex.completion_tokens,
         })
 
-    def connection_opened(self) -> None:
+    def connection_opened(self, ds) -> None:
         self.open_connections += 1
+        self.connections.add(ds)
         self.metrics.connection_opened()
 
-    def connection_closed(self) -> None:
+    def connection_closed(self, ds) -> None:
         self.open_connections -= 1
+        self.connections.discard(ds)
         self.metrics.connection_closed()
 
 

@@ -29,7 +29,7 @@ class Exchange:
         "gw", "client", "method", "request_id", "endpoint", "key", "model", "tier", "stream", "status",
         "error_type", "t0", "ts", "t_upstream", "t_first_byte", "t_end", "upstream", "prompt_tokens",
         "completion_tokens", "total_tokens", "estimated", "wake_ms", "sse_events", "charged_tokens",
-        "_done",
+        "early_head", "_done",
     )
 
     def __init__(self, gw, request, client: str) -> None:
@@ -57,6 +57,7 @@ class Exchange:
         self.wake_ms: float | None = None
         self.sse_events = 0
         self.charged_tokens = 0
+        self.early_head = False  # a waiting stream got its 200 SSE head before the upstream answered
         self._done = False
 
     @property

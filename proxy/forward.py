@@ -33,6 +33,8 @@ _DROP_REQUEST = frozenset((
     b"authorization", b"expect",
 ))
 _JSON_TYPES = (b"application/json",)
+# A first byte slower than this starts watching the client for a disconnect (fast answers skip it).
+QUICK_S = 0.25
 
 
 def _connection_tokens(value: bytes) -> set[bytes]:
@@ -100,22 +102,26 @@ async def forward_inference(gw, ds: Downstream, ex: Exchange, request, key, rest
     if key is not None and not key.allows_tier(tier.name):
         raise errors.permission_denied(f"This API key may not use tier '{tier.name}' (model '{view.model}').")
     extra_headers, body, tap = gw.admit(ex, key, view, body)
-    await ds.watch(_exchange, gw, ds, ex, tier, request, body, extra_headers, tap)
+    if view.stream or (tier.waker is not None and not tier.waker.is_ready()):
+        # Long exchanges: watch the client the whole time (cost amortised over the stream / wait).
+        await ds.watch(_exchange, gw, ds, ex, tier, request, body, extra_headers, tap, True)
+    else:
+        # Short exchanges: the client is watched only if the first byte is slow (open_upstream).
+        await _exchange(gw, ds, ex, tier, request, body, extra_headers, tap, False)
 
 
-async def _exchange(gw, ds: Downstream, ex: Exchange, tier, request, body: bytes, extra_headers, tap) -> None:
+async def _exchange(gw, ds: Downstream, ex: Exchange, tier, request, body: bytes, extra_headers, tap,
+                    watched: bool) -> None:
     """Runs under Downstream.watch: handles its own errors, leaves only Cancelled to propagate.
     With a waker: wait while the tier sleeps; a tier that refuses every connection is reported to the
     waker and waited for again, all within the request's one hard cap."""
     waker = tier.waker
-    head_sent = False
     try:
         while True:
             if waker is not None and not waker.is_ready():
-                head_sent = await wait_for_tier(ds, ex, tier, stream=ex.stream, head_sent=head_sent,
-                                                extra_headers=extra_headers)
+                await wait_for_tier(ds, ex, tier, stream=ex.stream, extra_headers=extra_headers)
             try:
-                conn, response = await open_upstream(gw, ex, tier, request, body)
+                conn, response = await open_upstream(gw, ds, ex, tier, request, body, watched)
                 break
             except errors.ApiError as err:
                 if (waker is None or err.code != "upstream_unavailable"
@@ -126,7 +132,7 @@ async def _exchange(gw, ds: Downstream, ex: Exchange, tier, request, body: bytes
                 await trio.sleep(min(waker.settings.poll_s, max(0.0, remaining_s(ex, waker.settings.hard_cap_s))))
     except errors.ApiError as err:
         ex.fail(err)
-        if head_sent:
+        if ex.early_head:
             await end_stream_with_error(ds, err)
             return
         err.headers += tuple(extra_headers)
@@ -140,7 +146,7 @@ async def _exchange(gw, ds: Downstream, ex: Exchange, tier, request, body: bytes
     wh = wake_header(ex)
     if wh is not None:
         extra_headers = (*extra_headers, wh)
-    await relay_response(gw, ds, ex, tier, conn, response, extra_headers, tap, head_sent=head_sent)
+    await relay_response(gw, ds, ex, tier, conn, response, extra_headers, tap, head_sent=ex.early_head)
 
 
 async def _send_error_quietly(ds: Downstream, err, ex: Exchange) -> None:
@@ -150,8 +156,24 @@ async def _send_error_quietly(ds: Downstream, err, ex: Exchange) -> None:
         pass
 
 
-async def open_upstream(gw, ex: Exchange, tier, request, body: bytes):
-    """Send the request to an upstream of `tier`; return (connection, response head event)."""
+async def _first_event(conn):
+    event = await conn.next_event()
+    while type(event) is h11.InformationalResponse:
+        event = await conn.next_event()
+    return event
+
+
+async def _slow_first_event(ds: Downstream, conn, seconds: float, watched: bool):
+    with trio.fail_after(seconds):
+        if watched:
+            return await _first_event(conn)
+        return await ds.watch(_first_event, conn)  # ClientGone if the client leaves meanwhile
+
+
+async def open_upstream(gw, ds: Downstream, ex: Exchange, tier, request, body: bytes, watched: bool):
+    """Send the request to an upstream of `tier`; return (connection, response head event).
+    Unless the caller already watches the client, a first byte slower than QUICK_S starts watching
+    it, so a vanished client cancels the upstream request within about QUICK_S + one RTT."""
     cfg = gw.runtime.config.upstream
     pool = gw.pool
     target = request.target
@@ -171,10 +193,11 @@ async def open_upstream(gw, ex: Exchange, tier, request, body: bytes):
             try:
                 ex.t_upstream = time.perf_counter()
                 await conn.send_request(head, body)
-                with trio.fail_after(cfg.first_byte_s):
-                    event = await conn.next_event()
-                    while type(event) is h11.InformationalResponse:
-                        event = await conn.next_event()
+                quick_s = min(QUICK_S, cfg.first_byte_s)
+                with trio.CancelScope(deadline=trio.current_time() + quick_s) as quick:
+                    event = await _first_event(conn)
+                if quick.cancelled_caught:
+                    event = await _slow_first_event(ds, conn, cfg.first_byte_s - quick_s, watched)
             except UpstreamClosed:
                 pool.discard(conn)
                 if reused:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import msgspec
 
 from proxy import errors
-from proxy.connection import Downstream
+from proxy.connection import BODY, Downstream
 from proxy.exchange import Exchange
 from proxy.forward import forward_inference
 
@@ -120,4 +120,6 @@ async def dispatch(gw, ds: Downstream, request) -> None:
         ex.fail(err)
         await ds.send_error(err, ex.request_id)
     finally:
+        if ds.phase is BODY and ex.status == 0:  # the body timeout fired (connection.py sends the 408)
+            ex.status, ex.error_type = 408, "request_timeout"
         ex.finish(ds.client_gone)

@@ -110,48 +110,45 @@ async def relay_response(gw, ds: Downstream, ex: Exchange, tier, conn, response,
     metrics = gw.metrics
     if sse:
         metrics.stream_opened()
+    failure = None
+    out = b""
     try:
         out = b"" if head_sent else dconn.send(
             h11.Response(status_code=response.status_code, headers=headers, reason=response.reason))
-        while True:
-            event = conn.next_event_nowait()
-            if event is h11.NEED_DATA:
-                if out:
-                    await ds.send_raw(out)
-                    out = b""
-                with trio.fail_after(between_s):
+        # One scope for the whole relay; its deadline moves before each upstream read
+        # (between_chunks_s). A client that stops reading is bounded by write_s in send_raw.
+        with trio.CancelScope() as silence:
+            while True:
+                event = conn.next_event_nowait()
+                if event is h11.NEED_DATA:
+                    if out:
+                        await ds.send_raw(out)
+                        out = b""
+                    silence.deadline = trio.current_time() + between_s
                     await conn.receive()
-                continue
-            kind = type(event)
-            if kind is h11.Data:
-                data = event.data
-                if tap is not None:
-                    data = tap.feed(data)
-                    if not data:
-                        continue
-                out += dconn.send(h11.Data(data=data))
-            elif kind is h11.EndOfMessage:
-                if tap is not None:
-                    rest = tap.finish()
-                    if rest:
-                        out += dconn.send(h11.Data(data=rest))
-                out += dconn.send(h11.EndOfMessage())
-                ok = True
-                await ds.send_raw(out)
-                return
-    except (UpstreamClosed, h11.RemoteProtocolError, trio.TooSlowError) as exc:
-        timed_out = isinstance(exc, trio.TooSlowError)
-        ex.error_type = "upstream_timeout" if timed_out else "upstream_closed"
-        ex.status = 502 if ex.status < 400 else ex.status
-        if sse:
-            what = f"no data for {between_s:g} s" if timed_out else "the upstream closed the stream"
-            try:
-                await ds.send_raw(out + dconn.send(h11.Data(data=_inband_error(
-                    f"The upstream of tier '{tier.name}' failed mid-stream: {what}.", ex.error_type))))
-            except ClientGone:
-                pass
-        # End without the terminating chunk: the client must see an incomplete response.
-        ds.client_gone = True
+                    continue
+                kind = type(event)
+                if kind is h11.Data:
+                    data = event.data
+                    if tap is not None:
+                        data = tap.feed(data)
+                        if not data:
+                            continue
+                    out += dconn.send(h11.Data(data=data))
+                elif kind is h11.EndOfMessage:
+                    if tap is not None:
+                        rest = tap.finish()
+                        if rest:
+                            out += dconn.send(h11.Data(data=rest))
+                    out += dconn.send(h11.EndOfMessage())
+                    ok = True
+                    await ds.send_raw(out)
+                    return
+        failure = f"no data for {between_s:g} s"
+        ex.error_type = "upstream_timeout"
+    except (UpstreamClosed, h11.RemoteProtocolError):
+        failure = "the upstream closed the stream"
+        ex.error_type = "upstream_closed"
     except ClientGone:
         pass
     finally:
@@ -163,3 +160,13 @@ async def relay_response(gw, ds: Downstream, ex: Exchange, tier, conn, response,
             pool.release(conn)
         else:
             pool.discard(conn)
+    if failure is not None:
+        ex.status = 502 if ex.status < 400 else ex.status
+        if sse:
+            try:
+                await ds.send_raw(out + dconn.send(h11.Data(data=_inband_error(
+                    f"The upstream of tier '{tier.name}' failed mid-stream: {failure}.", ex.error_type))))
+            except ClientGone:
+                pass
+        # End without the terminating chunk: the client must see an incomplete response.
+        ds.client_gone = True

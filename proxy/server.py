@@ -20,6 +20,7 @@ import socket
 import trio
 
 from proxy.config import ServerConfig, parse_listen
+from proxy import sockio
 from proxy.connection import serve_connection
 
 BACKLOG = 4096
@@ -51,42 +52,50 @@ class Server:
         self.gw = gw
         self.config = server
         self.sock = sock
-        self.listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
         self.slots = trio.Semaphore(server.max_connections)
         self.draining = False
         self._accept_scope = trio.CancelScope()
-        self._conn_nursery: trio.Nursery | None = None
         gw.server = self
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as connections:
-            self._conn_nursery = connections
             host, port = self.sock.getsockname()[:2]
             task_status.started((host, port))
             with self._accept_scope:
-                while True:
-                    await self.slots.acquire()
-                    try:
-                        stream = await self.listener.accept()
-                    except OSError as exc:
-                        self.slots.release()
-                        if exc.errno in _RESOURCE_ERRNOS:
-                            await trio.sleep(0.1)
-                            continue
-                        raise
-                    except BaseException:
-                        self.slots.release()
-                        raise
-                    connections.start_soon(self._handle, stream)
+                await self._accept_loop(connections)
             # Draining: wait for in-flight connections, up to drain_s, then cut them.
             with trio.move_on_after(self.config.drain_s):
                 while self.gw.open_connections > 0:
                     await trio.sleep(0.05)
             connections.cancel_scope.cancel()
 
-    async def _handle(self, stream: trio.SocketStream) -> None:
+    async def _accept_loop(self, connections: trio.Nursery) -> None:
+        listen = self.sock
+        slots = self.slots
+        while True:
+            await trio.lowlevel.wait_readable(listen)
+            # Accept everything queued in one wake-up.
+            while True:
+                await slots.acquire()
+                try:
+                    conn, addr = listen.accept()
+                except BlockingIOError:
+                    slots.release()
+                    break
+                except OSError as exc:
+                    slots.release()
+                    if exc.errno in _RESOURCE_ERRNOS:
+                        await trio.sleep(0.1)
+                        break
+                    raise
+                conn.setblocking(False)
+                if conn.family != socket.AF_UNIX:
+                    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                connections.start_soon(self._handle, conn, addr[0] if isinstance(addr, tuple) else "unix")
+
+    async def _handle(self, conn: socket.socket, client: str) -> None:
         try:
-            await serve_connection(stream, self.gw)
+            await serve_connection(conn, client, self.gw)
         finally:
             self.slots.release()
 
@@ -96,10 +105,7 @@ class Server:
             return
         self.draining = True
         self._accept_scope.cancel()
-        try:
-            self.listener.socket.close()
-        except OSError:
-            pass
+        sockio.close(self.sock)
         self.gw.close_idle_connections()
 
 

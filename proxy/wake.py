@@ -44,13 +44,13 @@ async def _heartbeat(ds: Downstream, every_s: float, scope: trio.CancelScope) ->
 
 async def send_early_sse_head(ds: Downstream, ex: Exchange, extra_headers) -> None:
     headers = [*_SSE_HEAD, (b"x-request-id", ex.request_id), *extra_headers]
+    ex.early_head = True  # from here on, failures are in-band events
     await ds.send_raw(ds.conn.send(h11.Response(status_code=200, headers=headers)))
 
 
-async def wait_for_tier(ds: Downstream, ex: Exchange, tier, *, stream: bool, head_sent: bool,
-                        extra_headers) -> bool:
-    """Wait until `tier` is ready, within the request's hard cap. Returns whether the SSE head has been
-    sent (streams). Raises ApiError (504 wake_timeout / 503 overloaded) when the caller must fail."""
+async def wait_for_tier(ds: Downstream, ex: Exchange, tier, *, stream: bool, extra_headers) -> None:
+    """Wait until `tier` is ready, within the request's hard cap; a stream gets its SSE head early
+    (`ex.early_head`). Raises ApiError (504 wake_timeout / 503 overloaded) when the caller must fail."""
     from ops.waker import WakeQueueFull
 
     waker = tier.waker
@@ -61,9 +61,8 @@ async def wait_for_tier(ds: Downstream, ex: Exchange, tier, *, stream: bool, hea
         if left > 0:
             with trio.move_on_after(left):
                 if stream:
-                    if not head_sent:
+                    if not ex.early_head:
                         await send_early_sse_head(ds, ex, extra_headers)
-                        head_sent = True
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(_heartbeat, ds, settings.heartbeat_s, nursery.cancel_scope)
                         await waker.wait_ready()
@@ -79,7 +78,6 @@ async def wait_for_tier(ds: Downstream, ex: Exchange, tier, *, stream: bool, hea
         raise ClientGone()
     if not waker.is_ready():
         raise errors.wake_timeout(tier.name, time.perf_counter() - ex.t0)
-    return head_sent
 
 
 def wake_header(ex: Exchange) -> tuple[bytes, bytes] | None:

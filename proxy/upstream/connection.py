@@ -18,12 +18,16 @@ from __future__ import annotations
 
 import enum
 import errno
+import os
 import socket
 
 import h11
 import trio
 
-READ_SIZE = 65536
+from proxy import sockio
+
+# A request body is small; an upstream that does not take it within this long is dead.
+SEND_STALL_S = 30.0
 
 
 class UpstreamClosed(Exception):
@@ -38,12 +42,11 @@ class ConnState(enum.Enum):
 
 
 class UpstreamConnection:
-    __slots__ = ("address", "stream", "_raw", "h11", "state", "got_response", "idle_since", "requests")
+    __slots__ = ("address", "sock", "h11", "state", "got_response", "idle_since", "requests")
 
-    def __init__(self, address: tuple[str, int], stream: trio.SocketStream, raw: socket.socket) -> None:
+    def __init__(self, address: tuple[str, int], sock: socket.socket) -> None:
         self.address = address
-        self.stream = stream
-        self._raw = raw
+        self.sock = sock
         self.h11 = h11.Connection(h11.CLIENT)
         self.state = ConnState.NEW
         self.got_response = False
@@ -59,18 +62,24 @@ class UpstreamConnection:
         for family, type_, proto, _, sockaddr in infos:
             raw = socket.socket(family, type_, proto)
             raw.setblocking(False)
-            tsock = trio.socket.from_stdlib_socket(raw)
             try:
-                await tsock.connect(sockaddr)
+                err = raw.connect_ex(sockaddr)
+                if err not in (0, errno.EINPROGRESS):
+                    raise OSError(err, os.strerror(err))
+                if err:
+                    await trio.lowlevel.wait_writable(raw)
+                    err = raw.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                    if err:
+                        raise OSError(err, os.strerror(err))
+                raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError as exc:
-                tsock.close()
+                sockio.close(raw)
                 last = exc
                 continue
             except BaseException:
-                tsock.close()
+                sockio.close(raw)
                 raise
-            stream = trio.SocketStream(tsock)  # sets TCP_NODELAY
-            return cls(address, stream, raw)
+            return cls(address, raw)
         raise last or OSError(errno.EHOSTUNREACH, f"no address for {host}")
 
     async def send_request(self, request: h11.Request, body: bytes) -> None:
@@ -84,21 +93,18 @@ class UpstreamConnection:
             out += conn.send(h11.Data(data=body))
         out += conn.send(h11.EndOfMessage())
         try:
-            await self.stream.send_all(out)
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            await sockio.send_all(self.sock, out, SEND_STALL_S)
+        except sockio.BrokenPipe:
             conn.send_failed()
-            raise UpstreamClosed(str(exc)) from None
+            raise UpstreamClosed("upstream closed the connection") from None
 
     def next_event_nowait(self):
         """The next already-buffered event, or h11.NEED_DATA."""
         return self.h11.next_event()
 
     async def receive(self) -> None:
-        """Read once from the socket into h11; EOF is fed as b""."""
-        try:
-            data = await self.stream.receive_some(READ_SIZE)
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            raise UpstreamClosed(str(exc)) from None
+        """Wait for the socket, read once into h11; EOF before the response ends raises."""
+        data = await sockio.recv(self.sock)
         if not data and self.h11.their_state is not h11.DONE:
             raise UpstreamClosed("upstream closed the connection")
         self.h11.receive_data(data)
@@ -136,20 +142,10 @@ class UpstreamConnection:
 
     def looks_stale(self) -> bool:
         """An idle connection that is readable was closed by the server (or is out of sync)."""
-        try:
-            self._raw.recv(1, socket.MSG_PEEK)
-        except BlockingIOError:
-            return False
-        except OSError:
-            return True
-        return True  # EOF (b"") or unsolicited bytes
+        return sockio.recv_nowait(self.sock, 1) is not None  # EOF, error, or unsolicited bytes
 
     def close(self) -> None:
         """Close now (synchronously); cancels the upstream's work for an in-flight request."""
         if self.state is not ConnState.CLOSED:
             self.state = ConnState.CLOSED
-            try:
-                self._raw.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            self.stream.socket.close()
+            sockio.close(self.sock)

@@ -7,7 +7,8 @@ synchronous function, `_take_idle()`, makes every reuse decision:
 - a connection idle longer than `idle_keepalive_s` is closed, not used: uvicorn (vLLM's server)
   closes idle keep-alive connections after 5 s, so our limit stays below theirs to avoid the race
   where both sides act at once;
-- a connection that is readable while idle was hung up by the server (`looks_stale`) and is closed.
+- a connection that is readable while idle was hung up by the server (`looks_stale`) and is closed
+  (checked once it has been idle for STALE_CHECK_AFTER_S).
 At most `max_idle_per_host` idle connections are kept per address; extras are closed on release.
 No timeouts here: the caller wraps `acquire()` in the upstream connect timeout.
 """
@@ -19,6 +20,10 @@ from typing import NamedTuple
 import trio
 
 from proxy.upstream.connection import UpstreamConnection
+
+# Peeking costs a syscall; a connection used moments ago is very unlikely to be half-closed, and if
+# it is, the request fails before its first byte and is retried on a fresh connection (forward.py).
+STALE_CHECK_AFTER_S = 0.5
 
 
 class PoolStatistics(NamedTuple):
@@ -45,7 +50,8 @@ class Pool:
         stack = self._idle.get(address)
         while stack:
             conn = stack.pop()
-            if now - conn.idle_since > self._keepalive_s or conn.looks_stale():
+            idle = now - conn.idle_since
+            if idle > self._keepalive_s or (idle > STALE_CHECK_AFTER_S and conn.looks_stale()):
                 self._stale += 1
                 conn.close()
                 continue
