@@ -65,14 +65,15 @@ async def test_run_bench_in_process_and_summary() -> None:
         async with trio.open_nursery() as nursery:
             url = await _sim(nursery, 118.9)
             cfg = throughput.BenchConfig(url=throughput.base_url(url), model="sim-chat", concurrency=2,
-                                         requests=2, max_tokens=16, warmup=0)
+                                         requests=2, max_tokens=32, warmup=0)
             done: list[throughput.Stream] = []
             streams = await throughput.run_bench(cfg, done.append)
             nursery.cancel_scope.cancel()
     assert len(streams) == len(done) == 2
-    assert all(s.error is None and s.events == s.usage_tokens == 16 for s in streams)
+    assert all(s.error is None and s.events == s.usage_tokens == 32 for s in streams)
     fig = throughput.summarize(cfg, streams)
-    assert fig["decode_tokens_per_s"]["median"] == pytest.approx(118.9, rel=0.03)
+    # 2 short streams: a smoke check of the API; the 2 % accuracy is asserted above on 8 x 64 tokens
+    assert fig["decode_tokens_per_s"]["median"] == pytest.approx(118.9, rel=0.1)
 
 
 def test_decode_rate_definition_and_batched_events() -> None:
