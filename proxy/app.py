@@ -199,6 +199,7 @@ async def run_gateway(config: Config, *, gateway: Gateway | None = None, sock=No
                 await services.start(gw.usage.run)
                 gw.metrics.register_stats_source("usage", gw.usage.statistics)
             services.start_soon(gw.metrics.run)
+            services.start_soon(logs.run_flusher)
             for waker in gw.start_wakers():
                 await services.start(waker.run)  # describes the instances first: restart-safe
             gw._services = services
@@ -211,3 +212,4 @@ async def run_gateway(config: Config, *, gateway: Gateway | None = None, sock=No
             services.cancel_scope.cancel()  # connections are done: flush usage (shielded) and stop
     finally:
         gw.pool.close_all()
+        logs.flush()

@@ -41,7 +41,8 @@ class ClientGone(Exception):
 
 
 class Downstream:
-    __slots__ = ("sock", "conn", "gw", "client", "client_gone", "limits", "scope", "phase")
+    __slots__ = ("sock", "conn", "gw", "client", "client_gone", "limits", "scope", "phase", "started",
+                 "chunked", "keep_alive", "head_only", "http11")
 
     def __init__(self, sock: socket.socket, gw, client: str) -> None:
         self.sock = sock
@@ -52,6 +53,11 @@ class Downstream:
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_head_bytes)
         self.scope: trio.CancelScope | None = None
         self.phase = IDLE
+        self.started = False      # response head sent for the current request
+        self.chunked = False      # current response framed with chunked encoding
+        self.keep_alive = True    # current request allows another on this connection
+        self.head_only = False    # HEAD request: no body bytes
+        self.http11 = True
 
     def _enter(self, phase: str, seconds: float) -> None:
         self.phase = phase
@@ -84,6 +90,14 @@ class Downstream:
                     raise h11.RemoteProtocolError("request head too large", error_status_hint=431)
                 self.phase = BUSY
                 self.scope.deadline = math.inf
+                self.started = False
+                self.http11 = event.http_version == b"1.1"
+                self.head_only = event.method == b"HEAD"
+                keep = self.http11
+                for name, value in event.headers:
+                    if name == b"connection" and b"close" in value.lower():
+                        keep = False
+                self.keep_alive = keep
                 return event
             return None  # ConnectionClosed
 
@@ -92,7 +106,7 @@ class Downstream:
         Raises ApiError 413 past `limit`; the body timeout cancels the connection's scope (408)."""
         conn = self.conn
         if conn.they_are_waiting_for_100_continue:
-            await self.send_raw(conn.send(h11.InformationalResponse(status_code=100, headers=[])))
+            await self.send_raw(b"HTTP/1.1 100 Continue\r\n\r\n")
         parts: list[bytes] = []
         size = 0
         self._enter(BODY, self.limits.request_body_s)
@@ -118,37 +132,82 @@ class Downstream:
         return b"".join(parts)
 
     # -- writing -------------------------------------------------------------------------------
+    # Responses are framed here, not by h11: h11 parses requests; we know exactly what we send.
     async def send_raw(self, data: bytes) -> None:
         try:
             await sockio.send_all(self.sock, data, self.limits.write_s)
         except BrokenPipe:
-            self.conn.send_failed()
             self.client_gone = True
             raise ClientGone() from None
 
     def can_respond(self) -> bool:
-        return self.conn.our_state in (h11.SEND_RESPONSE, h11.IDLE)
+        return not self.started
+
+    def response_head(self, status: int, headers, length: int | None, reason: bytes | None = None) -> bytes:
+        """Head bytes for a response of `length` bytes, or of unknown length (chunked on HTTP/1.1,
+        close-delimited on HTTP/1.0). Framing headers in `headers` must already be removed."""
+        self.started = True
+        if length is None:
+            self.chunked = self.http11
+            if not self.http11:
+                self.keep_alive = False
+        else:
+            self.chunked = False
+        if reason is None:
+            reason = REASONS.get(status, b"")
+        lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
+        lines += [b"%s: %s\r\n" % h for h in headers]
+        if length is not None:
+            lines.append(b"content-length: %d\r\n" % length)
+        elif self.chunked:
+            lines.append(b"transfer-encoding: chunked\r\n")
+        if not self.keep_alive:
+            lines.append(b"connection: close\r\n")
+        lines.append(b"\r\n")
+        return b"".join(lines)
+
+    def frame(self, data: bytes) -> bytes:
+        """Body bytes as they go on the wire for the current response."""
+        if self.head_only or not data:
+            return b""
+        if self.chunked:
+            return b"%x\r\n%s\r\n" % (len(data), data)
+        return data
+
+    def end(self) -> bytes:
+        """The end of the current response body (the last chunk, if chunked)."""
+        return b"0\r\n\r\n" if self.chunked and not self.head_only else b""
 
     async def send_response(self, status: int, headers: list, body: bytes) -> None:
         """A complete response in one write."""
-        conn = self.conn
-        headers.append((b"content-length", str(len(body)).encode()))
-        out = conn.send(h11.Response(status_code=status, headers=headers, reason=REASONS.get(status, b"")))
-        if body:
-            out += conn.send(h11.Data(data=body))
-        out += conn.send(h11.EndOfMessage())
-        await self.send_raw(out)
+        await self.send_raw(self.response_head(status, headers, len(body)) + (b"" if self.head_only else body))
 
     async def send_error(self, err: errors.ApiError, request_id: bytes | None = None) -> None:
-        if not self.can_respond():
+        if self.started:
             return
         headers = [_JSON, *err.headers]
         if request_id:
             headers.append((b"x-request-id", request_id))
         if self.conn.their_state is not h11.DONE:
-            # The body is unread (or garbage): close after this response.
-            headers.append((b"connection", b"close"))
+            self.keep_alive = False  # the body is unread (or garbage): close after this response
         await self.send_response(err.status, headers, err.body())
+
+    def next_cycle(self) -> bool:
+        """After a complete response: ready h11 for the next request on this connection (False: close).
+        h11 parsed the request; the response never went through it, so a fresh parser takes over the
+        bytes it already buffered (a pipelined request)."""
+        old = self.conn
+        if not self.keep_alive or old.their_state is not h11.DONE:
+            return False
+        data, closed = old.trailing_data
+        new = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_head_bytes)
+        if data:
+            new.receive_data(bytes(data))
+        if closed:
+            new.receive_data(b"")
+        self.conn = new
+        self.started = False
+        return True
 
     # -- client presence -----------------------------------------------------------------------
     async def _watch_eof(self, cancel_scope: trio.CancelScope) -> None:
@@ -224,10 +283,8 @@ async def serve_connection(sock: socket.socket, client: str, gw) -> None:
                 conn = ds.conn
                 if conn.their_state is h11.SEND_BODY and not ds.client_gone:
                     _skip_buffered_body(conn)
-                if (ds.client_gone or conn.our_state is not h11.DONE or conn.their_state is not h11.DONE
-                        or gw.draining):
+                if ds.client_gone or gw.draining or not ds.next_cycle():
                     return
-                conn.start_next_cycle()
         if scope.cancelled_caught and ds.phase in (HEAD, BODY):
             # A request head or body that did not arrive in time (a cancelled drain lands in IDLE).
             with trio.CancelScope(deadline=trio.current_time() + 1.0):

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import time
 
-import h11
 import trio
 
 from proxy import errors
@@ -23,7 +22,7 @@ from proxy.connection import ClientGone, Downstream
 from proxy.exchange import Exchange
 from proxy.relay import end_stream_with_error, relay_response
 from proxy.schemas import DECODERS
-from proxy.upstream.connection import UpstreamClosed
+from proxy.upstream.connection import UpstreamClosed, encode_request
 from proxy.wake import remaining_s, wait_for_tier, wake_header
 
 # Never forwarded upstream: hop-by-hop (RFC 9110 7.6.1), ours to set, or the client's gateway key.
@@ -156,18 +155,11 @@ async def _send_error_quietly(ds: Downstream, err, ex: Exchange) -> None:
         pass
 
 
-async def _first_event(conn):
-    event = await conn.next_event()
-    while type(event) is h11.InformationalResponse:
-        event = await conn.next_event()
-    return event
-
-
 async def _slow_first_event(ds: Downstream, conn, seconds: float, watched: bool):
     with trio.fail_after(seconds):
         if watched:
-            return await _first_event(conn)
-        return await ds.watch(_first_event, conn)  # ClientGone if the client leaves meanwhile
+            return await conn.read_head()
+        return await ds.watch(conn.read_head)  # ClientGone if the client leaves meanwhile
 
 
 async def open_upstream(gw, ds: Downstream, ex: Exchange, tier, request, body: bytes, watched: bool):
@@ -179,9 +171,8 @@ async def open_upstream(gw, ds: Downstream, ex: Exchange, tier, request, body: b
     target = request.target
     saw_connect_error = saw_reset = False
     for address in tier.candidates():
-        head = h11.Request(method=b"POST", target=target,
-                           headers=upstream_headers(request.headers, tier, address, ex.request_id,
-                                                    len(body), ex.client))
+        head = encode_request(b"POST", target, upstream_headers(request.headers, tier, address, ex.request_id,
+                                                                 len(body), ex.client))
         for _ in range(2):
             try:
                 with trio.fail_after(cfg.connect_s):
@@ -195,7 +186,7 @@ async def open_upstream(gw, ds: Downstream, ex: Exchange, tier, request, body: b
                 await conn.send_request(head, body)
                 quick_s = min(QUICK_S, cfg.first_byte_s)
                 with trio.CancelScope(deadline=trio.current_time() + quick_s) as quick:
-                    event = await _first_event(conn)
+                    event = await conn.read_head()
                 if quick.cancelled_caught:
                     event = await _slow_first_event(ds, conn, cfg.first_byte_s - quick_s, watched)
             except UpstreamClosed:

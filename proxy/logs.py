@@ -30,6 +30,10 @@ def configure(level: str = "info", access: bool = True, stream=None) -> None:
 
 
 def _write(line: bytes) -> None:
+    if _pending and line is not None:
+        pending = b"\n".join(_pending)
+        _pending.clear()
+        line = pending + b"\n" + line
     stream = _state["stream"] or sys.stderr.buffer
     try:
         stream.write(line + b"\n")
@@ -47,9 +51,35 @@ def event(name: str, level: str = "info", **fields) -> None:
     _write(_encode(fields))
 
 
+_pending: list[bytes] = []
+ACCESS_BATCH = 64
+
+
 def access(fields: dict) -> None:
+    """Access lines are batched (a write per line would be a syscall per request): written when 64
+    are pending, by `run_flusher` every 0.2 s, before any event line, and at exit (`flush`)."""
     if _state["access"]:
-        _write(_encode(fields))
+        _pending.append(_encode(fields))
+        if len(_pending) >= ACCESS_BATCH:
+            flush()
+
+
+def flush() -> None:
+    if _pending:
+        lines = b"\n".join(_pending)
+        _pending.clear()
+        _write(lines)
+
+
+async def run_flusher(interval_s: float = 0.2) -> None:
+    import trio
+
+    try:
+        while True:
+            await trio.sleep(interval_s)
+            flush()
+    finally:
+        flush()
 
 
 _STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}

@@ -1,8 +1,8 @@
 """Relay: the upstream's response head, then its body as it arrives, to the client.
 
-Strategy: pure byte relay, no JSON on this path. h11 decodes the upstream framing (chunked for SSE)
-and re-frames downstream; the body bytes -- every SSE event -- pass unchanged and unbuffered.
-Events that h11 already has buffered are batched into one downstream write; the write happens
+Strategy: pure byte relay, no JSON on this path. upstream/http1.py decodes the upstream framing
+(chunked for SSE) and Downstream.frame re-frames it; the body bytes -- every SSE event -- pass
+unchanged and unbuffered. Bytes already buffered are batched into one downstream write; the write happens
 before the next upstream read blocks, so nothing waits in the gateway (flow control is the
 `send_all` itself: a slow client slows the upstream read, never a queue).
 Headers: hop-by-hop ones are dropped (RFC 9110 7.6.1); `x-request-id` and the rate-limit headers
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import time
 
-import h11
 import msgspec
 import trio
 
@@ -28,7 +27,7 @@ from proxy.upstream.connection import UpstreamClosed
 
 _DROP_RESPONSE = frozenset((
     b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"te", b"trailer",
-    b"upgrade", b"proxy-authenticate", b"cache-control", b"x-accel-buffering",
+    b"upgrade", b"proxy-authenticate", b"cache-control", b"x-accel-buffering", b"content-length",
 ))
 _SSE_HEADERS = ((b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no"))
 _EVENT_STREAM = b"text/event-stream"
@@ -62,7 +61,7 @@ def _inband_error(message: str, code: str) -> bytes:
 async def end_stream_with_error(ds: Downstream, err) -> None:
     """A stream whose 200 head is already out fails: in-band error event, then abort (no last chunk)."""
     try:
-        await ds.send_raw(ds.conn.send(h11.Data(data=_inband_error(err.message, err.code or err.type))))
+        await ds.send_raw(ds.frame(_inband_error(err.message, err.code or err.type)))
     except ClientGone:
         pass
     ds.client_gone = True
@@ -73,28 +72,29 @@ async def _upstream_error_body(conn, between_s: float, limit: int = 65536) -> by
     size = 0
     with trio.move_on_after(between_s):
         while size < limit:
-            event = await conn.next_event()
-            if type(event) is not h11.Data:
+            data = conn.body_nowait()
+            if data is None:
+                await conn.receive()
+                continue
+            if not data:
                 break
-            parts.append(event.data)
-            size += len(event.data)
+            parts.append(data)
+            size += len(data)
     return b"".join(parts)[:limit]
 
 
 async def relay_response(gw, ds: Downstream, ex: Exchange, tier, conn, response, extra_headers, tap, *,
                          head_sent: bool = False) -> None:
-    """Relay the response whose head is `response`; release or discard `conn`. With `head_sent`
-    (a stream that waited for a wake got its 200 head early) only the body is relayed, and an
-    upstream error status becomes an in-band error event."""
+    """Relay the response whose head is `response` (http1.ResponseHead); release or discard `conn`.
+    With `head_sent` (a stream that waited for a wake got its 200 head early) only the body is relayed,
+    and an upstream error status becomes an in-band error event."""
     ex.t_first_byte = time.perf_counter()
-    ex.status = response.status_code
-    headers, sse = response_headers(response.headers, ex.request_id, extra_headers)
-    dconn = ds.conn
+    ex.status = response.status
     between_s = gw.runtime.config.upstream.between_chunks_s
     pool = gw.pool
     ok = False
     if head_sent:
-        if response.status_code != 200:
+        if response.status != 200:
             try:
                 detail = await _upstream_error_body(conn, between_s)
             except UpstreamClosed:
@@ -102,51 +102,55 @@ async def relay_response(gw, ds: Downstream, ex: Exchange, tier, conn, response,
             finally:
                 pool.discard(conn)
             ex.error_type = "upstream_error"
-            message = detail.decode("utf-8", "replace")[:2000] or f"upstream status {response.status_code}"
-            await end_stream_with_error(ds, errors.ApiError(response.status_code, message, "server_error",
+            message = detail.decode("utf-8", "replace")[:2000] or f"upstream status {response.status}"
+            await end_stream_with_error(ds, errors.ApiError(response.status, message, "server_error",
                                                             code="upstream_error"))
             return
         sse = True
+    else:
+        headers, sse = response_headers(response.headers, ex.request_id, extra_headers)
     metrics = gw.metrics
     if sse:
         metrics.stream_opened()
     failure = None
     out = b""
     try:
-        out = b"" if head_sent else dconn.send(
-            h11.Response(status_code=response.status_code, headers=headers, reason=response.reason))
+        if not head_sent:
+            # Keep the upstream's length only when the bytes pass unchanged.
+            length = response.content_length if (tap is None or not tap.rewrites) else None
+            out = ds.response_head(response.status, headers, length, response.reason)
+        frame = ds.frame
         # One scope for the whole relay; its deadline moves before each upstream read
         # (between_chunks_s). A client that stops reading is bounded by write_s in send_raw.
         with trio.CancelScope() as silence:
             while True:
-                event = conn.next_event_nowait()
-                if event is h11.NEED_DATA:
+                data = conn.body_nowait()
+                if data is None:
                     if out:
                         await ds.send_raw(out)
                         out = b""
                     silence.deadline = trio.current_time() + between_s
                     await conn.receive()
                     continue
-                kind = type(event)
-                if kind is h11.Data:
-                    data = event.data
+                if data:
                     if tap is not None:
                         data = tap.feed(data)
                         if not data:
                             continue
-                    out += dconn.send(h11.Data(data=data))
-                elif kind is h11.EndOfMessage:
-                    if tap is not None:
-                        rest = tap.finish()
-                        if rest:
-                            out += dconn.send(h11.Data(data=rest))
-                    out += dconn.send(h11.EndOfMessage())
-                    ok = True
-                    await ds.send_raw(out)
-                    return
+                    out += frame(data)
+                    continue
+                # complete
+                if tap is not None:
+                    rest = tap.finish()
+                    if rest:
+                        out += frame(rest)
+                out += ds.end()
+                ok = True
+                await ds.send_raw(out)
+                return
         failure = f"no data for {between_s:g} s"
         ex.error_type = "upstream_timeout"
-    except (UpstreamClosed, h11.RemoteProtocolError):
+    except UpstreamClosed:
         failure = "the upstream closed the stream"
         ex.error_type = "upstream_closed"
     except ClientGone:
@@ -164,8 +168,8 @@ async def relay_response(gw, ds: Downstream, ex: Exchange, tier, conn, response,
         ex.status = 502 if ex.status < 400 else ex.status
         if sse:
             try:
-                await ds.send_raw(out + dconn.send(h11.Data(data=_inband_error(
-                    f"The upstream of tier '{tier.name}' failed mid-stream: {failure}.", ex.error_type))))
+                await ds.send_raw(out + frame(_inband_error(
+                    f"The upstream of tier '{tier.name}' failed mid-stream: {failure}.", ex.error_type)))
             except ClientGone:
                 pass
         # End without the terminating chunk: the client must see an incomplete response.

@@ -94,6 +94,11 @@ class SseUsageTap:
 
     __slots__ = ("_head", "_held", "_pending", "_pending_cr", "_probe", "_state", "_strip", "events", "usage")
 
+    @property
+    def rewrites(self) -> bool:
+        """True when the relayed bytes may differ from the upstream's (the usage event is removed)."""
+        return self._strip
+
     def __init__(self, *, strip_usage_chunk: bool) -> None:
         self.usage: Usage | None = None
         self.events = 0
@@ -386,6 +391,7 @@ class BodyTail:
     `keep` bytes, where vLLM puts `usage` (after `choices`); `usage` is decoded once, at the end."""
 
     __slots__ = ("_tail", "_keep", "usage", "events")
+    rewrites = False
 
     def __init__(self, keep: int = 4096) -> None:
         self._tail = b""

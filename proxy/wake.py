@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import time
 
-import h11
 import trio
 
 from proxy import errors
@@ -33,11 +32,10 @@ def remaining_s(ex: Exchange, hard_cap_s: float) -> float:
 
 
 async def _heartbeat(ds: Downstream, every_s: float, scope: trio.CancelScope) -> None:
-    conn = ds.conn
     try:
         while True:
             await trio.sleep(every_s)
-            await ds.send_raw(conn.send(h11.Data(data=WAKING_COMMENT)))
+            await ds.send_raw(ds.frame(WAKING_COMMENT))
     except ClientGone:
         scope.cancel()
 
@@ -45,7 +43,7 @@ async def _heartbeat(ds: Downstream, every_s: float, scope: trio.CancelScope) ->
 async def send_early_sse_head(ds: Downstream, ex: Exchange, extra_headers) -> None:
     headers = [*_SSE_HEAD, (b"x-request-id", ex.request_id), *extra_headers]
     ex.early_head = True  # from here on, failures are in-band events
-    await ds.send_raw(ds.conn.send(h11.Response(status_code=200, headers=headers)))
+    await ds.send_raw(ds.response_head(200, headers, None))
 
 
 async def wait_for_tier(ds: Downstream, ex: Exchange, tier, *, stream: bool, extra_headers) -> None:

@@ -1,14 +1,14 @@
-"""One keep-alive HTTP/1.1 client connection to a vLLM server: a socket plus an h11 CLIENT.
+"""One keep-alive HTTP/1.1 client connection to a vLLM server: a raw socket plus a response reader.
 
-Strategy (after httpcore's http11 connection): h11 owns framing and keep-alive state; this class owns
-the trio stream and the read size. The lifecycle is NEW -> ACTIVE -> IDLE -> ACTIVE ... -> CLOSED;
-the pool (pool.py) makes every reuse decision with `is_reusable()` and `looks_stale()`.
+Strategy (after httpcore's http11 connection): http1.py owns response framing and keep-alive; this
+class owns the socket and the read size. The lifecycle is NEW -> ACTIVE -> IDLE -> ACTIVE ... -> CLOSED;
+the pool (pool.py) makes every reuse decision with `recycle()` and `looks_stale()`.
 
 Rules:
-- The request head and the ORIGINAL body bytes go out in one `send_all` (one syscall).
+- The request head (encode_request) and the ORIGINAL body bytes go out in one write (one syscall).
 - `looks_stale()` peeks the raw socket without blocking: an idle keep-alive connection that is
   readable has been hung up (EOF) or sent garbage; either way it must not carry a request.
-- No timeouts here: callers wrap `connect`, the first `next_event` and later reads in their own
+- No timeouts here: callers wrap `connect`, `read_head` and later reads in their own
   cancel scopes (upstream connect / first byte / between chunks).
 - A read error or EOF before the response is complete raises `UpstreamClosed`; `got_response`
   tells the caller whether any response byte had arrived, which decides whether a retry is allowed.
@@ -21,10 +21,10 @@ import errno
 import os
 import socket
 
-import h11
 import trio
 
 from proxy import sockio
+from proxy.upstream.http1 import ProtocolError, ResponseHead, ResponseReader
 
 # A request body is small; an upstream that does not take it within this long is dead.
 SEND_STALL_S = 30.0
@@ -41,13 +41,19 @@ class ConnState(enum.Enum):
     CLOSED = "closed"
 
 
+def encode_request(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
+    """Request head bytes. Header names/values come from h11-validated input or from us."""
+    return b"".join((method, b" ", target, b" HTTP/1.1\r\n",
+                     *[b"%s: %s\r\n" % (n, v) for n, v in headers], b"\r\n"))
+
+
 class UpstreamConnection:
-    __slots__ = ("address", "sock", "h11", "state", "got_response", "idle_since", "requests")
+    __slots__ = ("address", "sock", "reader", "state", "got_response", "idle_since", "requests")
 
     def __init__(self, address: tuple[str, int], sock: socket.socket) -> None:
         self.address = address
         self.sock = sock
-        self.h11 = h11.Connection(h11.CLIENT)
+        self.reader = ResponseReader()
         self.state = ConnState.NEW
         self.got_response = False
         self.idle_since = 0.0
@@ -82,60 +88,50 @@ class UpstreamConnection:
             return cls(address, raw)
         raise last or OSError(errno.EHOSTUNREACH, f"no address for {host}")
 
-    async def send_request(self, request: h11.Request, body: bytes) -> None:
-        """Send head + body + end of message in one write."""
+    async def send_request(self, head: bytes, body: bytes) -> None:
+        """Send head + body in one write."""
         self.state = ConnState.ACTIVE
         self.got_response = False
         self.requests += 1
-        conn = self.h11
-        out = conn.send(request)
-        if body:
-            out += conn.send(h11.Data(data=body))
-        out += conn.send(h11.EndOfMessage())
         try:
-            await sockio.send_all(self.sock, out, SEND_STALL_S)
+            await sockio.send_all(self.sock, head + body if body else head, SEND_STALL_S)
         except sockio.BrokenPipe:
-            conn.send_failed()
             raise UpstreamClosed("upstream closed the connection") from None
 
-    def next_event_nowait(self):
-        """The next already-buffered event, or h11.NEED_DATA."""
-        return self.h11.next_event()
-
     async def receive(self) -> None:
-        """Wait for the socket, read once into h11; EOF before the response ends raises."""
-        data = await sockio.recv(self.sock)
-        if not data and self.h11.their_state is not h11.DONE:
-            raise UpstreamClosed("upstream closed the connection")
-        self.h11.receive_data(data)
+        """Wait for the socket and read once into the reader (EOF is recorded, not raised)."""
+        self.reader.feed(await sockio.recv(self.sock))
 
-    async def next_event(self):
-        """Wait for the next h11 event of the response."""
-        conn = self.h11
+    async def read_head(self) -> ResponseHead:
+        """Wait for the final response head."""
+        reader = self.reader
         while True:
             try:
-                event = conn.next_event()
-            except h11.RemoteProtocolError as exc:
-                raise UpstreamClosed(f"bad HTTP from upstream: {exc}") from None
-            if event is h11.NEED_DATA:
-                await self.receive()
-                continue
-            if type(event) is h11.Response:
+                head = reader.next_head()
+            except ProtocolError as exc:
+                raise UpstreamClosed(str(exc)) from None
+            if head is not None:
                 self.got_response = True
-            return event
+                return head
+            await self.receive()
 
-    def is_reusable(self) -> bool:
-        conn = self.h11
-        return conn.our_state is h11.DONE and conn.their_state is h11.DONE
+    def body_nowait(self) -> bytes | None:
+        """Body bytes already buffered (b"" when the response is complete), None to read more."""
+        try:
+            return self.reader.read_body()
+        except ProtocolError as exc:
+            raise UpstreamClosed(str(exc)) from None
+
+    @property
+    def complete(self) -> bool:
+        return self.reader.complete
 
     def recycle(self, now: float) -> bool:
         """After a complete response: ready the connection for the next request. False -> close it."""
-        if not self.is_reusable():
+        reader = self.reader
+        if not reader.complete or reader.head is None or not reader.head.keep_alive or reader.buf or reader.eof:
             return False
-        try:
-            self.h11.start_next_cycle()
-        except h11.LocalProtocolError:
-            return False
+        reader.reset()
         self.state = ConnState.IDLE
         self.idle_since = now
         return True
