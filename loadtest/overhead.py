@@ -55,6 +55,8 @@ CONNECT_TIMEOUT_S = 10.0
 DRAIN_TIMEOUT_S = 60.0
 STALE_CHECK_AFTER_S = 0.5
 OPEN_LOOP_MAX_INFLIGHT = 4000
+CONN_ERROR_BACKOFF_S = 0.05
+BIG_STREAMS_RAMP_S = 1.0  # spread of the starts in the 1,000-stream check (streams last ~2 s)
 
 # --- raw HTTP/1.1 client -----------------------------------------------------------------------------
 
@@ -337,8 +339,10 @@ class Shape:
     max_tokens: int = 16
 
 
-async def _one(target: Target, request: bytes, stat: Stat, t_start: float, stream: bool) -> None:
-    """One request on a pooled connection; latency from `t_start` (the scheduled time in open loop)."""
+async def _one(target: Target, request: bytes, stat: Stat, t_start: float, stream: bool) -> bool:
+    """One request on a pooled connection; latency from `t_start` (the scheduled time in open loop).
+
+    Returns False when the connection failed (not on an HTTP error status)."""
     times: list[float] | None = [] if stream else None
     conn = None
     try:
@@ -349,23 +353,24 @@ async def _one(target: Target, request: bytes, stat: Stat, t_start: float, strea
         stat.error(type(exc).__name__)
         if conn is not None:
             conn.close()
-        return
+        return False
     target.pool.put(conn)
     if status != 200:
         stat.error(f"status {status}")
-        return
+        return True
     stat.ok += 1
     if not stream:
         stat.lat.append((trio.current_time() - t_start) * 1000.0)
-        return
+        return True
     if not times:
         stat.error("stream without events")
-        return
+        return True
     stat.events += len(times)
     stat.lat.append((times[0] - t_start) * 1000.0)
     gaps = stat.gaps
     for a, b in itertools.pairwise(times):
         gaps.append((b - a) * 1000.0)
+    return True
 
 
 async def run_slice(target: Target, shape: Shape, request: bytes, stat: Stat, slice_s: float) -> None:
@@ -393,7 +398,8 @@ async def _closed_worker(target: Target, request: bytes, stat: Stat, deadline: f
         await trio.sleep(stagger_s)  # desynchronise stream token clocks
     now = trio.current_time
     while (t := now()) < deadline:
-        await _one(target, request, stat, t, stream)
+        if not await _one(target, request, stat, t, stream):
+            await trio.sleep(CONN_ERROR_BACKOFF_S)  # a dead target must not become a busy loop
 
 
 async def _open_loop(nursery: trio.Nursery, target: Target, shape: Shape, request: bytes, stat: Stat,
@@ -481,6 +487,10 @@ GATEWAYS = {"chat": ("chat", 1), "stream": ("stream", 1), "zero": ("zero", 1), "
             "slow": ("slow", 1)}
 
 
+class ProcessDied(RuntimeError):
+    """A process under test exited during the run: its numbers would be meaningless."""
+
+
 @dataclass
 class Rig:
     """Every process of one run and a Target per (profile, side)."""
@@ -494,6 +504,13 @@ class Rig:
     def side_by_side(self, profile: str, extra: tuple[str, ...] = ()) -> list[Target]:
         names = ("direct", "nginx", "gateway", *extra)
         return [self.targets[(profile, n)] for n in names if (profile, n) in self.targets]
+
+    def check_alive(self) -> None:
+        """Raise ProcessDied naming the first process under test that has exited."""
+        for proc in [*self.sims.values(), *self.gateways.values(), *([self.nginx] if self.nginx else [])]:
+            if proc.popen.poll() is not None:
+                raise ProcessDied(f"{proc.name} exited with {proc.popen.returncode} mid-run; log tail:\n"
+                                  f"{proc.log_tail()}")
 
     def close_pools(self) -> None:
         for t in self.targets.values():
@@ -626,6 +643,7 @@ async def _measure(rig: Rig, plan: Plan, key: str | None, log) -> list[dict]:
     async def latency_cells(profile: str, metric: str, shapes) -> None:
         targets = rig.side_by_side(profile)
         for row_id, label, shape, budget, slice_s in shapes:
+            rig.check_alive()
             log(f"  {label}")
             stats = await run_cell(targets, shape, requests_for(targets, shape, key), plan.rounds(slice_s),
                                    slice_s)
@@ -653,6 +671,7 @@ async def _measure(rig: Rig, plan: Plan, key: str | None, log) -> list[dict]:
          plan.stream_slice_s) for n in plan.sse_streams
     ])
 
+    rig.check_alive()
     log("saturation, zero-latency upstream")
     targets = rig.side_by_side("zero", ("gateway-w2",))
     note = "--workers 2 on 2 cores shared with the load generator and the sim: shape, not limit"
@@ -672,8 +691,9 @@ async def _measure(rig: Rig, plan: Plan, key: str | None, log) -> list[dict]:
     for t in targets:
         t.pool.close_all()
 
-    log(f"scale: {plan.big_streams:,} concurrent streams (5 tokens/s, 10 tokens each)")
+    log(f"scale: {plan.big_streams:,} concurrent streams (10 tokens at 5/s, starts over {BIG_STREAMS_RAMP_S:g} s)")
     rows.append(await big_streams(rig, plan.big_streams, key))
+    rig.check_alive()
     log(f"scale: {plan.idle_conns:,} idle keep-alive connections on one gateway worker")
     rows.append(await idle_connections(rig, plan, key))
     return rows
@@ -693,16 +713,24 @@ async def big_streams(rig: Rig, n: int, key: str | None) -> dict:
     targets = rig.side_by_side("slow")
     requests = requests_for(targets, shape, key)
     stats = {t.name: Stat() for t in targets}
+    peak = {t.name: 0 for t in targets}
     for t in targets:
+        rig.check_alive()
         stat = stats[t.name]
         for kind in await t.pool.fill(n, parallel=100):
             stat.error(kind)
         cpu0 = procs.cpu_seconds(t.pids) if t.pids else 0.0
         t0 = trio.current_time()
+        inflight = [0]
 
-        async def one(i: int, t: Target = t, stat: Stat = stat) -> None:
-            await trio.sleep(i * 0.2 / n)  # spread the starts over 200 ms
-            await _one(t, requests[t.name], stat, trio.current_time(), True)
+        async def one(i: int, t: Target = t, stat: Stat = stat, inflight: list[int] = inflight) -> None:
+            await trio.sleep(i * BIG_STREAMS_RAMP_S / n)  # a ramp the sim can take; all overlap after it
+            inflight[0] += 1
+            peak[t.name] = max(peak[t.name], inflight[0])
+            try:
+                await _one(t, requests[t.name], stat, trio.current_time(), True)
+            finally:
+                inflight[0] -= 1
 
         with trio.fail_after(DRAIN_TIMEOUT_S * 2):
             async with trio.open_nursery() as nursery:
@@ -716,9 +744,11 @@ async def big_streams(rig: Rig, n: int, key: str | None) -> dict:
     gw = stats.get("gateway")
     row["kind"] = "scale"
     row["budget"] = {"text": "0 errors", "ok": row["errors"] == 0}
+    row["peak_concurrent"] = peak
     if gw:
         gap = added(gw.summary()["gap_ms"], stats["direct"].summary()["gap_ms"])
-        row["note"] = f"{gw.ok:,}/{n:,} streams ok; gap +P95 {gap['p95']:.3f} ms" if gap else ""
+        row["note"] = (f"{gw.ok:,}/{n:,} streams ok, peak {peak['gateway']:,} open at once"
+                       + (f"; SSE gap +P95 {gap['p95']:.2f} ms" if gap else ""))
     return row
 
 
@@ -942,7 +972,12 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         for note in rig.notes:
             err.print(note)
-        rows = trio.run(measure, rig, plan, None, lambda msg: err.print(msg))
+        try:
+            rows = trio.run(measure, rig, plan, None, lambda msg: err.print(msg))
+            rig.check_alive()
+        except ProcessDied as exc:
+            err.print(f"[red]aborted:[/red] {exc}")
+            return 2
     meta["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     errors = sum(r["errors"] for r in rows)
     render(rows, meta, rig.notes, console)
