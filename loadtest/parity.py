@@ -54,6 +54,7 @@ class Endpoint:
     url: str
     model: str
     client: Any  # openai.OpenAI
+    listed: tuple[str, ...] = ()  # what GET /v1/models answered (empty: no such route)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -92,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
         err.print(f"[bold red]parity:[/] {exc}")
         return 2
     _note_unpinned(cases, err)
+    for ep in (a, b):
+        if ep.listed and ep.model not in ep.listed:
+            err.print(f"[yellow]note:[/] endpoint {ep.side.upper()} does not list model {ep.model!r} "
+                      f"(it lists {', '.join(ep.listed[:8])}); its requests will likely fail")
     started = time.time()
     try:
         attempts = _run_all(cases, (a, b), args.runs, args.concurrency, err)
@@ -159,7 +164,7 @@ def _endpoint(side: str, url: str, key_env: str | None, model: str | None, timeo
         if not listed:
             raise Fatal(f"endpoint {label} ({base}) lists no models; name one with --model-{side}")
         model = listed[0]
-    return Endpoint(side=side, url=base, model=model, client=client)
+    return Endpoint(side=side, url=base, model=model, client=client, listed=tuple(listed))
 
 
 def _api_message(exc: Any) -> str:

@@ -104,3 +104,26 @@ async def test_parity_between_two_sims_reports_what_they_were_told(tmp_path: Pat
     assert len(re.findall(r'<tr class="case', html)) == len(PICK)
     assert html.count('<tr class="case differs"') == sum(1 for c in report["cases"] if not c["exact"])
     assert f"<ins>{B_REPLY.split()[0]}" in html  # B's words marked in the greet diff
+
+
+async def test_failing_requests_are_reported_and_exit_1(tmp_path: Path, capsys) -> None:
+    golden = tmp_path / "golden.jsonl"
+    golden.write_text(next(line for line in SAMPLE.read_text().splitlines() if '"id": "greet"' in line) + "\n")
+    report_path = tmp_path / "report.json"
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            url = await _start(nursery)
+            argv = ["--a", url, "--b", url, "--model-b", "no-such-model", "--golden", str(golden),
+                    "--out", str(tmp_path / "out"), "--json", str(report_path)]
+            rc = await trio.to_thread.run_sync(parity.main, argv)
+            nursery.cancel_scope.cancel()
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "endpoint B does not list model 'no-such-model'" in err and "2 request(s) failed" in err
+    report = json.loads(report_path.read_text())
+    assert (report["a"]["errors"], report["b"]["errors"], report["b"]["requests"]) == (0, 2, 2)
+    [message] = report["b"]["error_counts"]
+    assert message.startswith("HTTP 404: ") and "no-such-model" in message
+    assert report["cases"][0]["similarity"] is None and report["comparison"]["compared_cases"] == 0
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert "B: HTTP 404: " in html and "<details id=\"d-greet\" open>" in html
