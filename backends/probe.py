@@ -17,6 +17,7 @@ plus the client's own connect/read timeouts.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import httpx
@@ -32,6 +33,10 @@ class _ModelList(msgspec.Struct):
 
 
 _models_decoder = msgspec.json.Decoder(_ModelList)
+
+# httpx logs every request at INFO: a waker probing every few seconds would flood the gateway's log.
+if logging.getLogger("httpx").level == logging.NOTSET:
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 RUNNING = "vllm:num_requests_running"
 WAITING = "vllm:num_requests_waiting"

@@ -70,12 +70,12 @@ async def wait_for(predicate, poll_s: float = 0.02) -> None:
 
 @asynccontextmanager
 async def cloud(aws_url: str, *, primaries: int = 1, fallbacks: int = 0, boot_delay_s: float = 0.2,
-                served: tuple[str, ...] = tuple(MODELS)) -> AsyncIterator[Cloud]:
+                served: tuple[str, ...] = tuple(MODELS), tokens_per_s: float = 0.0) -> AsyncIterator[Cloud]:
     ids = await trio.to_thread.run_sync(stopped_instances, aws_url, primaries + fallbacks)
     async with trio.open_nursery() as nursery:
         tap = ApiTap(aws_url)
         host, port = await nursery.start(tap.serve, "127.0.0.1", 0)
-        fleet = FleetSimulator(Ec2(Clients("us-east-1", aws_url)), SimOptions(models=served),
+        fleet = FleetSimulator(Ec2(Clients("us-east-1", aws_url)), SimOptions(models=served, tokens_per_s=tokens_per_s),
                                boot_delay_s=boot_delay_s, poll_s=0.05, upstream_tag=TAG)
         upstreams = [fleet.reserve(i) for i in ids[:primaries]]
         await nursery.start(fleet.run)

@@ -1,0 +1,251 @@
+"""Wake on demand end to end: the real `spotinference serve` process in front of a sleeping tier whose EC2
+API is moto's server (behind a tap that counts and faults calls on the wire) and whose GPU hosts are the
+fleet simulator; clients are the unmodified OpenAI SDK (sync, run in threads) and plain httpx."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import trio
+
+from tests.ops import aws
+from tests.ops.cloud import MODELS, TAG, Cloud, cloud, wait_for
+from tests.ops.test_interruptions import spot_warning
+
+moto_url, aws_url = aws.moto_url, aws.aws_url  # fixtures
+
+BOOT_S = 0.4
+
+
+def _toml(value) -> str:
+    return json.dumps(value)  # strings, numbers and lists of strings are spelled the same in TOML
+
+
+def write_config(c: Cloud, path: Path, **wake) -> Path:
+    settings = {"region": "us-east-1", "endpoint_url": c.tap_url, "instance_ids": c.primary,
+                "fallback_instance_ids": c.fallback, "budget_s": 2.0, "hard_cap_s": 3.0, "idle_s": 60.0,
+                "poll_s": 0.05, "heartbeat_s": 0.2, "probe_timeout_s": 0.5, "interruption_wait_s": 0,
+                "upstream_tag": TAG, "start_retry_s": 10.0}
+    settings.update(wake)
+    lines = ["[server]", 'listen = "127.0.0.1:0"', "drain_s = 2.0", "", "[[tiers]]", 'name = "gpu"',
+             f"upstreams = {_toml(c.upstreams)}", f"models = {_toml(MODELS)}", "[tiers.wake]"]
+    lines += [f"{k} = {_toml(v)}" for k, v in settings.items() if v is not None]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@asynccontextmanager
+async def served(config: Path, log: Path) -> AsyncIterator[str]:
+    """`spotinference serve --config FILE` as a subprocess; yields its base URL, stops it with SIGTERM."""
+    with log.open("ab") as err:
+        proc = await trio.lowlevel.open_process([sys.executable, "-m", "proxy", "serve", "--config", str(config)],
+                                                stdout=-1, stderr=err, env=dict(os.environ))
+    try:
+        buf = b""
+        with trio.fail_after(30):
+            while b"\n" not in buf:
+                chunk = await proc.stdout.receive_some(4096)
+                assert chunk, f"gateway exited: {log.read_text()[-2000:]}"
+                buf += chunk
+        line = buf.split(b"\n")[0].decode()
+        assert "listening on http://" in line, line
+        yield line.rsplit(" ", 1)[1]
+    finally:
+        proc.terminate()
+        with trio.fail_after(20):
+            await proc.wait()
+        await proc.stdout.aclose()
+
+
+@functools.lru_cache(maxsize=16)
+def sdk(url: str, max_retries: int = 2) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="none", timeout=30, max_retries=max_retries)
+
+
+def chat(url: str, model: str = MODELS[0], **kw):
+    return sdk(url).chat.completions.with_raw_response.create(
+        model=model, messages=[{"role": "user", "content": "Wake up."}], max_tokens=8, **kw)
+
+
+async def test_request_to_a_sleeping_tier_waits_and_succeeds(aws_url: str, tmp_path: Path) -> None:
+    with trio.fail_after(60):
+        async with cloud(aws_url, boot_delay_s=BOOT_S) as c, served(write_config(c, tmp_path / "g.toml"),
+                                                                     tmp_path / "gw.log") as url:
+            raw = await trio.to_thread.run_sync(chat, url)
+            assert raw.http_response.status_code == 200
+            assert int(raw.headers["x-spotinference-wake-ms"]) >= BOOT_S * 1000 * 0.9
+            assert raw.parse().choices[0].message.content  # an ordinary ChatCompletion
+            again = await trio.to_thread.run_sync(chat, url)
+            assert "x-spotinference-wake-ms" not in again.headers  # it did not wait
+            assert c.tap.count("StartInstances") == 1
+
+
+async def test_twenty_concurrent_requests_for_two_models_one_start(aws_url: str, tmp_path: Path) -> None:
+    with trio.fail_after(60):
+        async with cloud(aws_url, primaries=2, boot_delay_s=BOOT_S) as c, served(
+                write_config(c, tmp_path / "g.toml"), tmp_path / "gw.log") as url:
+            statuses: list[int] = []
+
+            async def one(n: int) -> None:
+                raw = await trio.to_thread.run_sync(chat, url, MODELS[n % 2])
+                statuses.append(raw.http_response.status_code)
+
+            async with trio.open_nursery() as nursery:
+                for n in range(20):
+                    nursery.start_soon(one, n)
+            assert statuses == [200] * 20
+            assert c.tap.count("StartInstances") == 1
+
+
+async def test_never_ready_ends_in_504_at_the_hard_cap_without_sdk_retries(aws_url: str, tmp_path: Path) -> None:
+    with trio.fail_after(60):
+        async with cloud(aws_url, served=("not-our-model",)) as c, served(
+                write_config(c, tmp_path / "g.toml", budget_s=1.0, hard_cap_s=1.5), tmp_path / "gw.log") as url:
+            started = trio.current_time()
+            with pytest.raises(openai.InternalServerError) as info:
+                await trio.to_thread.run_sync(lambda: sdk(url, max_retries=2).chat.completions.create(
+                    model=MODELS[0], messages=[{"role": "user", "content": "hi"}]))
+            elapsed = trio.current_time() - started
+            assert 1.5 <= elapsed < 2.5  # once, at the cap: x-should-retry false stopped the SDK's retries
+            err = info.value
+            assert err.status_code == 504 and err.response.headers["x-should-retry"] == "false"
+            assert err.body["code"] == "wake_timeout" and err.body["type"] == "server_error"
+
+
+async def test_waiting_stream_gets_heartbeats_then_an_in_band_error(aws_url: str, tmp_path: Path) -> None:
+    with trio.fail_after(60):
+        async with cloud(aws_url, served=("not-our-model",)) as c, served(
+                write_config(c, tmp_path / "g.toml", budget_s=1.0, hard_cap_s=1.5), tmp_path / "gw.log") as url:
+            body = {"model": MODELS[0], "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+            lines: list[str] = []
+            async with httpx.AsyncClient(timeout=10) as http, \
+                    http.stream("POST", f"{url}/v1/chat/completions", json=body) as resp:
+                assert resp.status_code == 200  # the head went out early
+                assert resp.headers["content-type"].startswith("text/event-stream")
+                with pytest.raises(httpx.RemoteProtocolError):  # closed without the last chunk
+                    async for line in resp.aiter_lines():
+                        lines.append(line)
+            assert lines.count(": waking") >= 3  # every heartbeat_s (0.2 s) for 1.5 s
+            [event] = [x for x in lines if x.startswith("data: ")]
+            assert json.loads(event[6:])["error"]["code"] == "wake_timeout"
+            assert "data: [DONE]" not in lines
+
+
+async def test_waiting_stream_is_served_once_the_tier_is_up(aws_url: str, tmp_path: Path) -> None:
+    with trio.fail_after(60):
+        async with cloud(aws_url, boot_delay_s=BOOT_S) as c, served(write_config(c, tmp_path / "g.toml"),
+                                                                     tmp_path / "gw.log") as url:
+            def stream() -> str:
+                chunks = sdk(url).chat.completions.create(
+                    model=MODELS[1], stream=True, max_tokens=6, messages=[{"role": "user", "content": "hi"}])
+                return "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+
+            assert await trio.to_thread.run_sync(stream)  # the SDK ignores the ': waking' comments
+
+
+async def test_capacity_error_is_served_by_fallback_within_the_cap(aws_url: str, tmp_path: Path) -> None:
+    with trio.fail_after(60):
+        async with cloud(aws_url, fallbacks=1, boot_delay_s=BOOT_S) as c, served(
+                write_config(c, tmp_path / "g.toml"), tmp_path / "gw.log") as url:
+            c.tap.fail("StartInstances", "InsufficientInstanceCapacity", times=10,
+                       match=lambda call: call.params.get("InstanceId.1") == c.primary[0])
+            raw = await trio.to_thread.run_sync(chat, url)
+            assert raw.http_response.status_code == 200
+            started = [call.params["InstanceId.1"] for call in c.tap.calls if call.action == "StartInstances"]
+            assert started == [c.primary[0], c.fallback[0]]
+            assert c.fleet.server(c.fallback[0]).statistics().finished_total == 1
+
+
+async def _read_stream(url: str, lines: list[str]) -> None:
+    body = {"model": MODELS[0], "stream": True, "max_tokens": 400, "messages": [{"role": "user", "content": "go"}]}
+    async with httpx.AsyncClient(timeout=30) as http, \
+            http.stream("POST", f"{url}/v1/chat/completions", json=body) as resp:
+        try:
+            async for line in resp.aiter_lines():
+                lines.append(line)
+        except httpx.RemoteProtocolError:
+            lines.append("<closed without the last chunk>")
+
+
+async def test_spot_warning_stops_routing_to_the_host_and_the_tier_recovers(aws_url: str, tmp_path: Path) -> None:
+    with trio.fail_after(60):
+        async with cloud(aws_url, primaries=2, boot_delay_s=BOOT_S, tokens_per_s=50.0) as c:
+            sqs = c.boto("sqs")
+            queue = sqs.create_queue(QueueName="spot")["QueueUrl"]
+
+            def queue_empty() -> bool:
+                a = sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["All"])["Attributes"]
+                return a["ApproximateNumberOfMessages"] == a["ApproximateNumberOfMessagesNotVisible"] == "0"
+
+            async with served(write_config(c, tmp_path / "g.toml", interruption_queue_url=queue),
+                              tmp_path / "gw.log") as url, trio.open_nursery() as streams:
+                await trio.to_thread.run_sync(chat, url)
+                doomed, _ = c.primary
+                streamed: list[list[str]] = [[], []]
+                for lines in streamed:  # round robin: one long stream in flight on each host
+                    streams.start_soon(_read_stream, url, lines)
+                await wait_for(lambda: all(c.fleet.server(i).statistics().running == 1 for i in c.primary))
+                await trio.to_thread.run_sync(lambda: sqs.send_message(QueueUrl=queue, MessageBody=spot_warning(doomed)))
+                while not await trio.to_thread.run_sync(queue_empty):  # handled and deleted by the waker
+                    await trio.sleep(0.1)
+                await trio.sleep(0.2)
+                before = c.fleet.server(doomed).statistics().finished_total
+                for _ in range(6):
+                    assert (await trio.to_thread.run_sync(chat, url)).http_response.status_code == 200
+                assert c.fleet.server(doomed).statistics().finished_total == before  # no new requests there
+                await c.ec2_call("stop_instances", InstanceIds=[doomed])  # two minutes later: the interruption
+                await wait_for(lambda: any(lines and lines[-1] == "<closed without the last chunk>"
+                                           for lines in streamed))
+                cut = next(lines for lines in streamed if lines and lines[-1] == "<closed without the last chunk>")
+                events = [x for x in cut if x.startswith("data: ")]
+                assert json.loads(events[-1][6:])["error"]["type"] == "server_error"  # in-band, then closed
+                assert "data: [DONE]" not in cut
+                await wait_for(lambda: c.tap.count("StartInstances") == 2)  # the waker restarts the host
+                await wait_for(lambda: c.fleet.server(doomed) is not None)
+                for _ in range(4):
+                    assert (await trio.to_thread.run_sync(chat, url)).http_response.status_code == 200
+                streams.cancel_scope.cancel()
+
+
+def _pending(body: bytes) -> bytes:
+    return body.replace(b"<code>16</code>", b"<code>0</code>").replace(b"<name>running</name>", b"<name>pending</name>")
+
+
+async def test_gateway_restart_while_waking_does_not_start_twice(aws_url: str, tmp_path: Path) -> None:
+    with trio.fail_after(60):
+        async with cloud(aws_url, primaries=2, boot_delay_s=BOOT_S) as c:
+            config = write_config(c, tmp_path / "g.toml", hard_cap_s=10.0, budget_s=8.0)
+            c.tap.rewrite("DescribeInstances", _pending)
+            async with served(config, tmp_path / "gw.log") as url, trio.open_nursery() as nursery:
+                nursery.start_soon(_in_thread, url)
+                await wait_for(lambda: c.tap.count("StartInstances") == 1)
+                await trio.sleep(0.2)
+                nursery.cancel_scope.cancel()
+            async with served(config, tmp_path / "gw.log") as url:  # a new gateway process, mid-wake
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_in_thread, url)
+                    await trio.sleep(0.3)
+                    c.tap.rewrite("DescribeInstances", None)  # EC2 now says running
+                raw = await trio.to_thread.run_sync(chat, url)
+                assert raw.http_response.status_code == 200
+            assert c.tap.count("StartInstances") == 1
+
+
+async def _in_thread(url: str) -> None:
+    """A request whose gateway may be restarted under it (its failure is expected and ignored)."""
+    def call() -> None:
+        try:
+            chat(url)
+        except openai.APIError:
+            pass
+
+    await trio.to_thread.run_sync(call, abandon_on_cancel=True)
