@@ -12,10 +12,11 @@ interruption notices" and "EC2 instance rebalance recommendations"):
 
     {"detail-type": "EC2 Instance Rebalance Recommendation", ..., "detail": {"instance-id": "i-..."}}
 
-Rules: a body that is not one of these (another event type, junk, an SNS envelope around one of these
-is unwrapped) parses to None and never raises. The waker deletes only messages about its own
-instances, so tiers may share one queue (each leaves the others' messages to them); a message about an
-unknown instance comes back after the queue's visibility timeout and expires with its retention.
+Rules: a body that is not one of these (another event type, junk; an SNS envelope around one of these
+is unwrapped) parses to None and never raises. The waker deletes the messages about its own instances
+and the ones that are not EC2 notices at all; it leaves notices about other instances alone, so tiers
+may share one queue (each takes its own; the rest come back after the visibility timeout and expire
+with the queue's retention).
 """
 
 from __future__ import annotations
