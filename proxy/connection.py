@@ -74,14 +74,15 @@ class Downstream:
         conn = self.conn
         limits = self.limits
         self._enter(IDLE, limits.keepalive_idle_s)
+        got_bytes = False
         while True:
             event = conn.next_event()  # RemoteProtocolError propagates to serve_connection()
             if event is h11.NEED_DATA:
-                # Keep-alive idle until the first byte of the head, then the head timeout.
-                if self.phase is IDLE and conn.trailing_data[0]:
+                # Keep-alive idle until the first byte of a head, then the head timeout -- set only
+                # when a head is actually incomplete (usually a whole head arrives in one read).
+                if self.phase is IDLE and (got_bytes or conn.trailing_data[0]):
                     self._enter(HEAD, limits.request_head_s)
-                if await self._receive() and self.phase is IDLE:
-                    self._enter(HEAD, limits.request_head_s)
+                got_bytes = await self._receive()
                 continue
             if type(event) is h11.Request:
                 # h11 bounds only a head that arrives in pieces; one read can bring a whole big head.
@@ -109,10 +110,11 @@ class Downstream:
             await self.send_raw(b"HTTP/1.1 100 Continue\r\n\r\n")
         parts: list[bytes] = []
         size = 0
-        self._enter(BODY, self.limits.request_body_s)
         while True:
             event = conn.next_event()
             if event is h11.NEED_DATA:
+                if self.phase is not BODY:  # the body timeout runs only while we wait for it
+                    self._enter(BODY, self.limits.request_body_s)
                 await self._receive()
                 continue
             t = type(event)
@@ -125,8 +127,9 @@ class Downstream:
                 break
             else:  # ConnectionClosed mid-body
                 raise ClientGone()
-        self.phase = BUSY
-        self.scope.deadline = math.inf
+        if self.phase is BODY:
+            self.phase = BUSY
+            self.scope.deadline = math.inf
         if len(parts) == 1:
             return bytes(parts[0])
         return b"".join(parts)

@@ -173,14 +173,17 @@ async def open_upstream(gw, ds: Downstream, ex: Exchange, tier, request, body: b
     for address in tier.candidates():
         head = encode_request(b"POST", target, upstream_headers(request.headers, tier, address, ex.request_id,
                                                                  len(body), ex.client))
-        for _ in range(2):
-            try:
-                with trio.fail_after(cfg.connect_s):
-                    conn, reused = await pool.acquire(address)
-            except (OSError, trio.TooSlowError):
-                saw_connect_error = True
-                gw.upstream_failed(tier, address)
-                break
+        for attempt in range(2):
+            conn = pool.take_idle(address) if attempt == 0 else None
+            reused = conn is not None
+            if conn is None:
+                try:
+                    with trio.fail_after(cfg.connect_s):
+                        conn = await pool.connect(address)
+                except (OSError, trio.TooSlowError):
+                    saw_connect_error = True
+                    gw.upstream_failed(tier, address)
+                    break
             try:
                 ex.t_upstream = time.perf_counter()
                 await conn.send_request(head, body)

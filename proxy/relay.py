@@ -83,6 +83,23 @@ async def _upstream_error_body(conn, between_s: float, limit: int = 65536) -> by
     return b"".join(parts)[:limit]
 
 
+def _take(conn, tap, frame) -> tuple[bytes, bool]:
+    """Everything the upstream reader has buffered now, framed for the client; and whether the
+    response is complete."""
+    out = b""
+    while True:
+        data = conn.body_nowait()
+        if data is None:
+            return out, False
+        if not data:
+            return out, True
+        if tap is not None:
+            data = tap.feed(data)
+            if not data:
+                continue
+        out += frame(data)
+
+
 async def relay_response(gw, ds: Downstream, ex: Exchange, tier, conn, response, extra_headers, tap, *,
                          head_sent: bool = False) -> None:
     """Relay the response whose head is `response` (http1.ResponseHead); release or discard `conn`.
@@ -114,40 +131,35 @@ async def relay_response(gw, ds: Downstream, ex: Exchange, tier, conn, response,
         metrics.stream_opened()
     failure = None
     out = b""
+    frame = ds.frame
     try:
         if not head_sent:
             # Keep the upstream's length only when the bytes pass unchanged.
             length = response.content_length if (tap is None or not tap.rewrites) else None
             out = ds.response_head(response.status, headers, length, response.reason)
-        frame = ds.frame
-        # One scope for the whole relay; its deadline moves before each upstream read
-        # (between_chunks_s). A client that stops reading is bounded by write_s in send_raw.
-        with trio.CancelScope() as silence:
-            while True:
-                data = conn.body_nowait()
-                if data is None:
+        more, complete = _take(conn, tap, frame)
+        out += more
+        if not complete:
+            # One scope for the rest of the relay, only when we must wait; its deadline moves before
+            # each upstream read (between_chunks_s). A client that stops reading is bounded by write_s.
+            with trio.CancelScope() as silence:
+                while not complete:
                     if out:
                         await ds.send_raw(out)
                         out = b""
                     silence.deadline = trio.current_time() + between_s
                     await conn.receive()
-                    continue
-                if data:
-                    if tap is not None:
-                        data = tap.feed(data)
-                        if not data:
-                            continue
-                    out += frame(data)
-                    continue
-                # complete
-                if tap is not None:
-                    rest = tap.finish()
-                    if rest:
-                        out += frame(rest)
-                out += ds.end()
-                ok = True
-                await ds.send_raw(out)
-                return
+                    more, complete = _take(conn, tap, frame)
+                    out += more
+        if complete:
+            if tap is not None:
+                rest = tap.finish()
+                if rest:
+                    out += frame(rest)
+            out += ds.end()
+            ok = True
+            await ds.send_raw(out)
+            return
         failure = f"no data for {between_s:g} s"
         ex.error_type = "upstream_timeout"
     except UpstreamClosed:

@@ -10,7 +10,7 @@ synchronous function, `_take_idle()`, makes every reuse decision:
 - a connection that is readable while idle was hung up by the server (`looks_stale`) and is closed
   (checked once it has been idle for STALE_CHECK_AFTER_S).
 At most `max_idle_per_host` idle connections are kept per address; extras are closed on release.
-No timeouts here: the caller wraps `acquire()` in the upstream connect timeout.
+No timeouts here: the caller wraps `connect()` in the upstream connect timeout.
 """
 
 from __future__ import annotations
@@ -58,14 +58,17 @@ class Pool:
             return conn
         return None
 
-    async def acquire(self, address: tuple[str, int]) -> tuple[UpstreamConnection, bool]:
-        """A connection to `address` and whether it was reused (a reused one may have been closed
-        by the server in flight: a failure before the first response byte is then safe to retry)."""
+    def take_idle(self, address: tuple[str, int]) -> UpstreamConnection | None:
+        """A pooled connection to `address`, or None. A reused connection may have been closed by
+        the server in flight: a failure before the first response byte is then safe to retry."""
         conn = self._take_idle(address, trio.current_time())
         if conn is not None:
             self._reuses += 1
             self.active += 1
-            return conn, True
+        return conn
+
+    async def connect(self, address: tuple[str, int]) -> UpstreamConnection:
+        """A new connection to `address` (the caller bounds it with the connect timeout)."""
         try:
             conn = await UpstreamConnection.connect(address)
         except OSError:
@@ -73,7 +76,7 @@ class Pool:
             raise
         self._connects += 1
         self.active += 1
-        return conn, False
+        return conn
 
     def release(self, conn: UpstreamConnection) -> None:
         """Return a connection after its response: kept if reusable and there is room, else closed."""
