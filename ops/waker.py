@@ -256,6 +256,8 @@ class Waker:
                 wake.mark(budget.Phase.HEALTHY, now)
             if self._book.wake_complete(now, over_budget=wake.over_budget(now)):
                 return self._finish_wake(wake, now)
+            if not any(m.awaited(now) for m in self._book.engaged_members()):
+                self._escalate("nothing left to wait for")  # terminated, out of capacity or doomed
             if wake.take_over_budget(now):
                 self._counts["budget"] += 1
                 logger.warning("wake over budget", extra={"tier": self.tier, "budget_s": self.settings.budget_s})
@@ -313,7 +315,7 @@ class Waker:
                     if drop:
                         await self._call(self._ec2.terminate, drop)
                         logger.info("TerminateInstances sent", extra={"tier": self.tier, "instance_ids": drop})
-                    if not stop and not drop and all(m.ec2_state == "stopped" for m in mine):
+                    if not stop and not drop and all(m.ec2_state in ("stopped", "terminated") for m in mine):
                         break
             except StateError:
                 pass  # pending: cannot be stopped yet; look again next poll
@@ -438,14 +440,16 @@ class Waker:
     # ---- small helpers ------------------------------------------------------------------------------
 
     def _escalate(self, reason: str, *, everything: bool = False) -> None:
-        for step in self._book.escalate(everything=everything):
+        steps = self._book.escalate(everything=everything)
+        for step in steps:
             self._counts["fallbacks"] += 1
             if step == LAUNCHED:
                 self._launch_wanted = True
             elif step == TIER:
                 self.fallback_tier = self.settings.fallback_tier
             logger.warning("fallback engaged", extra={"tier": self.tier, "step": step, "reason": reason})
-        self._kick.set()
+        if steps:
+            self._kick.set()
 
     def _reset(self) -> None:
         self._book.reset()

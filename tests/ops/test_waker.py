@@ -265,3 +265,18 @@ async def test_restart_when_ready_is_ready_at_once(aws_url: str) -> None:
             await c.start(second)
             assert second.is_ready() and second.upstreams() == c.upstreams
             assert c.tap.count("StartInstances") == 1
+
+
+async def test_terminated_primary_fails_over_at_once(aws_url: str) -> None:
+    with trio.fail_after(20):
+        async with cloud(aws_url, fallbacks=1) as c:
+            await c.ec2_call("terminate_instances", InstanceIds=c.primary)  # the spot pool took it for good
+            waker = c.waker()
+            await c.start(waker)
+            await waker.wait_ready()  # no waiting for the budget: nothing is left to wait for
+            assert waker.upstreams() == [c.fleet.url(c.fallback[0])]
+            assert waker.statistics().wake_budget_exceeded_total == 0
+            waker2 = c.waker(idle_s=0.3)
+            await c.start(waker2)
+            assert waker2.is_ready()
+            await wait_for(lambda: waker2.statistics().state is TierState.ASLEEP)  # stopping ends despite it
