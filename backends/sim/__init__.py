@@ -1,0 +1,13 @@
+"""A simulated vLLM OpenAI-compatible server: the gateway's embedded default upstream, and the upstream
+of every integration test and benchmark.
+
+Strategy: `SimServer(SimOptions(...)).serve(host, port, task_status=...)` is the whole public surface;
+`planning` decides what an answer contains (vLLM's validation order, deterministic token rules),
+`responses` renders vLLM's exact bytes, `server` owns sockets, timing and counters, `cli` is the
+`spotinference sim` command and `bench` measures the simulator itself. Nothing here imports `proxy`.
+"""
+
+from backends.sim.responses import VLLM_VERSION, SimOptions
+from backends.sim.server import RecordedRequest, SimServer, SimStatistics
+
+__all__ = ["VLLM_VERSION", "RecordedRequest", "SimOptions", "SimServer", "SimStatistics"]

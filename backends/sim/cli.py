@@ -1,0 +1,101 @@
+"""`spotinference sim`: run the simulated vLLM OpenAI server in the foreground.
+
+Strategy: parse flags into a frozen `SimOptions`, bind, print exactly one line
+`spotinference sim listening on http://HOST:PORT` to stdout (flushed; port 0 prints the real port)
+so scripts and end-to-end tests can wait for it, then serve until SIGINT/SIGTERM and exit 0.
+Everything else goes to `logging` on stderr; prompts and the API key are never printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+
+import trio
+
+from backends.sim.responses import SimOptions
+from backends.sim.server import SimServer
+
+
+def _listen(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="spotinference sim",
+                                description="Run a simulated vLLM OpenAI-compatible server.")
+    d = SimOptions()
+    p.add_argument("--listen", type=_listen, default=("127.0.0.1", 8000), metavar="HOST:PORT",
+                   help="address to bind (port 0 picks a free port; default 127.0.0.1:8000)")
+    p.add_argument("--model", action="append", dest="models", metavar="NAME",
+                   help=f"served chat/completions model name, repeatable (default {d.models[0]})")
+    p.add_argument("--embedding-model", action="append", dest="embedding_models", metavar="NAME",
+                   help=f"served embedding model name, repeatable (default {d.embedding_models[0]})")
+    p.add_argument("--tokens-per-s", type=float, default=d.tokens_per_s,
+                   help="decode rate per stream; 0 = as fast as possible")
+    p.add_argument("--ttft-ms", type=float, default=d.ttft_ms, help="delay before the first token")
+    p.add_argument("--latency-ms", type=float, default=d.latency_ms,
+                   help="extra service time of non-streaming answers")
+    p.add_argument("--max-model-len", type=int, default=d.max_model_len)
+    p.add_argument("--default-max-tokens", type=int, default=d.default_max_tokens,
+                   help="answer length when a request sets no max_tokens")
+    p.add_argument("--embedding-dim", type=int, default=d.embedding_dim)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
+    p.add_argument("--reply", default=None, help="fixed reply text instead of synthetic words")
+    p.add_argument("--break-tool-json", action="store_true",
+                   help="emit syntactically broken tool-call arguments")
+    p.add_argument("--log-level", default="WARNING", help="logging level on stderr")
+    return p
+
+
+def options_from(args: argparse.Namespace) -> SimOptions:
+    """The SimOptions described by parsed command-line arguments."""
+    d = SimOptions()
+    return SimOptions(
+        models=tuple(args.models) if args.models else d.models,
+        embedding_models=tuple(args.embedding_models) if args.embedding_models else d.embedding_models,
+        tokens_per_s=args.tokens_per_s, ttft_ms=args.ttft_ms, latency_ms=args.latency_ms,
+        max_model_len=args.max_model_len, default_max_tokens=args.default_max_tokens,
+        api_key=args.api_key, reply=args.reply, break_tool_json=args.break_tool_json,
+        embedding_dim=args.embedding_dim)
+
+
+async def _run(server: SimServer, host: str, port: int) -> None:
+    async with trio.open_nursery() as nursery:
+        bound_host, bound_port = await nursery.start(server.serve, host, port)
+        shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+        sys.stdout.write(f"spotinference sim listening on http://{shown}:{bound_port}\n")
+        sys.stdout.flush()
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                logging.getLogger(__name__).info("signal %d: shutting down", signum)
+                nursery.cancel_scope.cancel()
+                break
+
+
+def main(argv: list[str]) -> int:
+    """Entry point of `spotinference sim`; returns the exit status."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name, value in (("--tokens-per-s", args.tokens_per_s), ("--ttft-ms", args.ttft_ms),
+                        ("--latency-ms", args.latency_ms)):
+        if value < 0:
+            sys.stderr.write(f"spotinference sim: {name} must be >= 0\n")
+            return 2
+    host, port = args.listen
+    try:
+        trio.run(_run, SimServer(options_from(args)), host, port)
+    except OSError as exc:
+        sys.stderr.write(f"spotinference sim: cannot listen on {host}:{port}: {exc.strerror or exc}\n")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
