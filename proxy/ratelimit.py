@@ -19,12 +19,11 @@ milliseconds (`format_duration`). They are attached to every response of a key t
 the trio of the limit it has). A refusal also carries ``retry-after-ms``, which openai-python prefers
 over ``Retry-After`` for its back-off; ``errors.rate_limited`` adds ``Retry-After`` in whole seconds.
 
-Several workers: each worker process holds its own buckets; nothing is shared. The gateway passes each
-worker the key's limits divided by the worker count (``rpm / workers``; fractional limits are accepted),
-so that the sum over workers never exceeds the configured limit. The cost of that choice: a client that
-reuses one keep-alive connection (the OpenAI SDKs do, for sequential calls) always lands on the same
-worker and therefore gets ``1/workers`` of its limit; clients that spread over several connections get
-the full limit on average. With one worker the limits are exact.
+The bucket math is pure and shared: `fit` (create or refill, re-cap on a reloaded limit), `decide`
+(admit-and-charge or refuse, headers) and `settle` (reconcile) act on `Bucket` objects. `RateLimiter`
+keeps the buckets in dicts in this process -- the single-process gateway. Several workers under the
+supervisor keep them in one shared table instead (proxy/ratelimit_shared.py), so limits are exact
+however a key's connections spread over workers; both limiters give identical answers.
 """
 
 from __future__ import annotations
@@ -61,7 +60,7 @@ class Admission(msgspec.Struct, frozen=True):
                 f"Please try again in {format_duration(self.retry_after_s)}.")
 
 
-_UNLIMITED = Admission(True)
+UNLIMITED = Admission(True)
 
 
 def _num(x: float) -> str:
@@ -91,13 +90,19 @@ def format_duration(seconds: float) -> str:
     return f"{s}s"
 
 
-class _Bucket:
+class Bucket:
+    """One token bucket: capacity ``cap`` (the per-minute limit), refilling at cap/60 per second.
+
+    The pure state the limiters keep per key and limit (in a dict here, in a shared table in
+    proxy/ratelimit_shared.py); `fit`, `decide` and `settle` are the only code that changes it.
+    """
+
     __slots__ = ("cap", "level", "rate", "stamp")
 
-    def __init__(self, cap: float, now: float) -> None:
+    def __init__(self, cap: float, now: float, level: float | None = None) -> None:
         self.cap = cap
         self.rate = cap / _MINUTE
-        self.level = cap
+        self.level = cap if level is None else level
         self.stamp = now
 
     def refill(self, now: float) -> None:
@@ -128,13 +133,61 @@ class _Bucket:
         return (self.cap - self.level) / self.rate
 
 
+def fit(bucket: Bucket | None, limit: float, now: float) -> Bucket:
+    """The bucket for `limit` at `now`: a new full one when there was none, else `bucket` refilled up to
+    `now` (and re-capped first when the limit changed on a reload)."""
+    cap = limit if limit > 0 else 0.0
+    if bucket is None:
+        return Bucket(cap, now)
+    if bucket.cap != cap:
+        bucket.refill(now)
+        bucket.set_limit(cap)
+    bucket.refill(now)
+    return bucket
+
+
+def decide(rb: Bucket | None, tb: Bucket | None, tokens_estimate: int) -> Admission:
+    """Admit one request and `tokens_estimate` tokens against refilled buckets (charging them), or refuse
+    without charging. At least one bucket is given."""
+    wait = 0.0
+    exceeded = None
+    limit = 0.0
+    if rb is not None:
+        w = rb.wait_for(1.0)
+        if w > 0:
+            wait, exceeded, limit = w, "requests", rb.cap
+    if tb is not None:
+        # A request above the whole limit needs a full bucket, not an impossible one.
+        need = min(tb.cap, tokens_estimate)
+        w = tb.wait_for(need)
+        if w > wait:
+            wait, exceeded, limit = w, "tokens", tb.cap
+    allowed = exceeded is None
+    if allowed:
+        if rb is not None:
+            rb.level -= 1.0
+        if tb is not None:
+            tb.level -= tokens_estimate
+    headers = _headers(rb, tb)
+    if not allowed:
+        headers += ((b"retry-after-ms", str(math.ceil(wait * 1000.0)).encode()),)
+    return Admission(allowed, wait, headers, exceeded, limit, tokens_estimate)
+
+
+def settle(tb: Bucket, charged: int, actual: int, now: float) -> None:
+    """Refund (or charge) the difference between the up-front charge and the actual tokens."""
+    tb.refill(now)
+    tb.level = min(tb.cap, tb.level + (charged - actual))
+
+
 class RateLimiter:
-    """Token buckets per key name. Not thread-safe; one per worker, used from its event loop."""
+    """Token buckets per key name, in this process. Not thread-safe; one per worker, used from its event
+    loop. proxy/ratelimit_shared.SharedRateLimiter has the same interface and results."""
 
     def __init__(self, clock: Callable[[], float]) -> None:
         self._clock = clock
-        self._requests: dict[str, _Bucket] = {}
-        self._tokens: dict[str, _Bucket] = {}
+        self._requests: dict[str, Bucket] = {}
+        self._tokens: dict[str, Bucket] = {}
 
     def admit(self, key_name: str, rpm: float | None, tpm: float | None, tokens_estimate: int) -> Admission:
         """Charge one request and `tokens_estimate` tokens, or refuse without charging.
@@ -143,62 +196,29 @@ class RateLimiter:
         `tokens_estimate` is ``max_tokens`` plus the prompt estimate; keep it to reconcile later.
         """
         if rpm is None and tpm is None:
-            return _UNLIMITED
+            return UNLIMITED
         now = self._clock()
-        rb = self._bucket(self._requests, key_name, rpm, now) if rpm is not None else None
-        tb = self._bucket(self._tokens, key_name, tpm, now) if tpm is not None else None
-        wait = 0.0
-        exceeded = None
-        limit = 0.0
-        if rb is not None:
-            w = rb.wait_for(1.0)
-            if w > 0:
-                wait, exceeded, limit = w, "requests", rb.cap
-        if tb is not None:
-            # A request above the whole limit needs a full bucket, not an impossible one.
-            need = min(tb.cap, tokens_estimate)
-            w = tb.wait_for(need)
-            if w > wait:
-                wait, exceeded, limit = w, "tokens", tb.cap
-        allowed = exceeded is None
-        if allowed:
-            if rb is not None:
-                rb.level -= 1.0
-            if tb is not None:
-                tb.level -= tokens_estimate
-        headers = _headers(rb, tb)
-        if not allowed:
-            headers += ((b"retry-after-ms", str(math.ceil(wait * 1000.0)).encode()),)
-        return Admission(allowed, wait, headers, exceeded, limit, tokens_estimate)
+        rb = tb = None
+        if rpm is not None:
+            rb = self._requests[key_name] = fit(self._requests.get(key_name), rpm, now)
+        if tpm is not None:
+            tb = self._tokens[key_name] = fit(self._tokens.get(key_name), tpm, now)
+        return decide(rb, tb, tokens_estimate)
 
     def reconcile(self, key_name: str, charged: int, actual: int) -> None:
         """Refund (or charge) the difference between the up-front charge and the tokens vLLM reported."""
         tb = self._tokens.get(key_name)
         if tb is None or charged == actual:
             return
-        tb.refill(self._clock())
-        level = tb.level + (charged - actual)
-        tb.level = min(tb.cap, level)
+        settle(tb, charged, actual, self._clock())
 
     def forget(self, key_name: str) -> None:
         """Drop a key's buckets (a revoked key)."""
         self._requests.pop(key_name, None)
         self._tokens.pop(key_name, None)
 
-    def _bucket(self, table: dict[str, _Bucket], key_name: str, limit: float, now: float) -> _Bucket:
-        cap = limit if limit > 0 else 0.0
-        b = table.get(key_name)
-        if b is None:
-            b = table[key_name] = _Bucket(cap, now)
-            return b
-        if b.cap != cap:
-            b.refill(now)
-            b.set_limit(cap)
-        b.refill(now)
-        return b
 
-
-def _headers(rb: _Bucket | None, tb: _Bucket | None) -> tuple[tuple[bytes, bytes], ...]:
+def _headers(rb: Bucket | None, tb: Bucket | None) -> tuple[tuple[bytes, bytes], ...]:
     h: tuple[tuple[bytes, bytes], ...] = ()
     if rb is not None:
         h += (
