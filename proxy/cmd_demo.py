@@ -80,8 +80,8 @@ async def _demo(args: argparse.Namespace, aws_url: str) -> int:
     from proxy.app import Gateway, build_runtime, run_gateway
     from proxy.config import Config, ServerConfig, TierConfig, validate
 
-    ec2 = Ec2(Clients("us-east-1", aws_url))
     clients = Clients("us-east-1", aws_url)
+    ec2 = Ec2(clients)
 
     def sleeping_host() -> str:
         api = clients.get("ec2")
@@ -155,5 +155,6 @@ def _print_timeline(t0: float, t_first: float, status: int, tap, fleet, stats, a
     print("\n  timeline (one clock):")
     for at, what, detail in sorted(rows, key=lambda r: r[0]):
         print(f"    t+{at - t0:8.3f} s  {what:<15} {detail}")
-    print(f"\n  waker: wakes_total={stats.wakes_total} last_wake_s={stats.last_wake_s:.3f} "
+    last = "-" if stats.last_wake_s is None else f"{stats.last_wake_s:.3f}"
+    print(f"\n  waker: wakes_total={stats.wakes_total} last_wake_s={last} "
           f"budget_s={args.budget_s:g} over_budget={stats.wake_budget_exceeded_total} stops_total={stats.stops_total}")
