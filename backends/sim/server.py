@@ -98,11 +98,12 @@ class _Model:
 
 
 class _Conn:
-    __slots__ = ("stream", "buffer", "scope")
+    __slots__ = ("stream", "buffer", "scope", "linger")
 
     def __init__(self, stream: trio.SocketStream) -> None:
         self.stream = stream
         self.buffer = b""  # received bytes of the next request (pipelining)
+        self.linger = False  # closing after an error answer: drain unread input so no RST eats it
         # one scope per connection; its deadline follows the phase (idle, reading, writing, waiting)
         self.scope = trio.CancelScope()
 
@@ -182,6 +183,8 @@ class SimServer:
             pass
         finally:
             self._totals["connections"] -= 1
+            if conn.linger:
+                await _lingering_close(stream)
             await trio.aclose_forcefully(stream)
 
     async def _read(self, conn: _Conn) -> _Request | None:
@@ -212,15 +215,13 @@ class SimServer:
                     chunks.append(event.data)
                     size += len(event.data)
                     if size > MAX_BODY_BYTES:
-                        await self._send(conn, 413, b'{"detail":"Request Entity Too Large"}', False)
-                        return None
+                        return await self._refuse(conn, 413, b'{"detail":"Request Entity Too Large"}')
                 elif type(event) is h11.Request:
                     head = event
                     headers = list(event.headers)
                     fields = dict(headers)
                     if int(fields.get(b"content-length", 0)) > MAX_BODY_BYTES:
-                        await self._send(conn, 413, b'{"detail":"Request Entity Too Large"}', False)
-                        return None
+                        return await self._refuse(conn, 413, b'{"detail":"Request Entity Too Large"}')
                     if parser.they_are_waiting_for_100_continue:
                         await conn.stream.send_all(b"HTTP/1.1 100 Continue\r\n\r\n")
                 elif type(event) is h11.EndOfMessage:
@@ -228,9 +229,8 @@ class SimServer:
                 else:  # ConnectionClosed before a request started
                     return None
         except h11.RemoteProtocolError:
-            await self._send(conn, 400, b"Invalid HTTP request received.", False,
-                             b"text/plain; charset=utf-8")
-            return None
+            return await self._refuse(conn, 400, b"Invalid HTTP request received.",
+                                      b"text/plain; charset=utf-8")
         assert head is not None
         if slow:
             conn.phase(WRITE_S)
@@ -241,6 +241,12 @@ class SimServer:
         self.requests.append(RecordedRequest(head.method.decode(), head.target.decode("latin-1"),
                                              headers, body))
         return _Request(head.method, head.target.split(b"?", 1)[0], fields, body, keep)
+
+    async def _refuse(self, conn: _Conn, status: int, body: bytes, content_type: bytes = _JSON) -> None:
+        """Answer input we will not read (uvicorn's wording for bad HTTP) and close."""
+        self._totals["errors"] += 1
+        conn.linger = True
+        await self._send(conn, status, body, False, content_type)
 
     async def _dispatch(self, conn: _Conn, request: _Request) -> bool:
         """Answer one request; returns whether the connection stays open."""
@@ -480,6 +486,18 @@ class SimServer:
         self.responses.append(body)
         await self._send(conn, status, body, request.keep_alive, _JSON, extra)
         return request.keep_alive
+
+
+async def _lingering_close(stream: trio.SocketStream) -> None:
+    """Half-close, then discard what the client still sends (bounded), so the answer is read."""
+    with trio.move_on_after(1.0):
+        try:
+            await stream.send_eof()
+            drained = 0
+            while drained < MAX_BODY_BYTES and (data := await stream.receive_some(RECEIVE_BYTES)):
+                drained += len(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
 
 
 def _same(given: bytes, expected: bytes) -> bool:
