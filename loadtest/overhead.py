@@ -896,6 +896,23 @@ def render(rows: list[dict], meta: dict, notes: list[str], console) -> None:
         console.print(f"- {note}")
 
 
+def markdown(rows: list[dict], meta: dict, notes: list[str], command: str) -> str:
+    """The same table as Markdown, headed by the command, date, machine and versions (for docs)."""
+    v, m = meta["versions"], meta["machine"]
+    lines = [f"`{command}` -- {meta['date']}, {meta['mode']}", "",
+             (f"Machine: {m['cpus']} CPUs ({m['cpu_model']}), Linux {m['kernel']}, load average "
+             f"{'/'.join(str(x) for x in m['loadavg_start'])} at start, "
+             f"{'/'.join(str(x) for x in m.get('loadavg_end', []))} at end. "
+             f"Versions: spotinference {v['spotinference']} (commit {v['commit']}), Python {v['python']}, "
+             f"trio {v['trio']}, h11 {v['h11']}, nginx {v['nginx']}."), "",
+             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in table_rows(rows)]
+    lines.append("")
+    lines += [f"- {r['label']}: {r['note']}" for r in rows if r.get("note")]
+    lines += [f"- {n}" for n in notes]
+    return "\n".join(lines) + "\n"
+
+
 def run_meta(args: argparse.Namespace, plan: Plan) -> dict:
     def version(dist: str) -> str | None:
         try:
@@ -909,9 +926,14 @@ def run_meta(args: argparse.Namespace, plan: Plan) -> dict:
         out = subprocess.run([nginx, "-v"], check=False, capture_output=True, text=True, timeout=10)
         nginx_version = (out.stderr or out.stdout).strip().rsplit("/", 1)[-1]
     try:
+        here = Path(__file__).parent
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], check=False, capture_output=True,
-                                text=True, timeout=10, cwd=Path(__file__).parent).stdout.strip() or None
-    except OSError:
+                                text=True, timeout=10, cwd=here).stdout.strip() or None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], check=False,
+                               capture_output=True, text=True, timeout=10, cwd=here).stdout.strip()
+        if commit and dirty:
+            commit += "+uncommitted changes"
+    except (OSError, subprocess.TimeoutExpired):
         commit = None
     cpu_model = next((line.split(":", 1)[1].strip() for line in
                       Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), None)
@@ -940,6 +962,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON")
     p.add_argument("--duration-s", type=float, default=3.0,
                    help="seconds per target per latency cell, in 0.5 s interleaved slices (default 3)")
+    p.add_argument("--markdown", type=Path, metavar="FILE", help="also write the table as Markdown")
     p.add_argument("--no-nginx", action="store_true", help="leave nginx out even if installed")
     p.add_argument("--workdir", type=Path, help="keep configs and process logs here (default: temp dir)")
     return p.parse_args(argv)
@@ -986,6 +1009,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps({"meta": meta, "rows": rows, "errors": errors,
                                          "nginx": rig.nginx is not None}, indent=1))
+    if args.markdown:
+        command = "spotinference bench overhead " + " ".join(argv if argv is not None else sys.argv[1:])
+        args.markdown.write_text(markdown(rows, meta, rig.notes, command.strip()))
     return 0 if errors == 0 else 1
 
 
