@@ -16,7 +16,7 @@ import pytest
 import trio
 
 from loadtest import throughput
-from tests.loadtest.test_throughput import REQUESTS, TOKENS, check_figures
+from tests.loadtest.test_throughput import REQUESTS, STREAMS, TOKENS, check_figures
 
 if importlib.util.find_spec("proxy.app") is None:
     pytest.skip("the gateway (proxy/app.py) is not there yet", allow_module_level=True)
@@ -49,7 +49,7 @@ async def test_gateway_tiers_report_the_simulators_decode_rates_within_2_percent
                 await trio.to_thread.run_sync(procs.wait_ready, gateway, 30.0)
                 for _, model, _ in TIERS:
                     out = tmp_path / f"{model}.json"
-                    argv = ["--url", gateway.url, "--model", model, "--concurrency", "4", "--requests",
+                    argv = ["--url", gateway.url, "--model", model, "--concurrency", str(STREAMS), "--requests",
                             str(REQUESTS), "--max-tokens", str(TOKENS), "--warmup", "1", "--json", str(out)]
                     rc = await trio.to_thread.run_sync(throughput.main, argv)
                     assert rc == 0, gateway.log_tail()
