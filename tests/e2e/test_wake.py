@@ -166,7 +166,7 @@ async def test_capacity_error_is_served_by_fallback_within_the_cap(aws_url: str,
 
 
 async def _read_stream(url: str, lines: list[str]) -> None:
-    body = {"model": MODELS[0], "stream": True, "max_tokens": 400, "messages": [{"role": "user", "content": "go"}]}
+    body = {"model": MODELS[0], "stream": True, "max_tokens": 2000, "messages": [{"role": "user", "content": "go"}]}
     async with httpx.AsyncClient(timeout=30) as http, \
             http.stream("POST", f"{url}/v1/chat/completions", json=body) as resp:
         try:
@@ -178,7 +178,7 @@ async def _read_stream(url: str, lines: list[str]) -> None:
 
 async def test_spot_warning_stops_routing_to_the_host_and_the_tier_recovers(aws_url: str, tmp_path: Path) -> None:
     with trio.fail_after(60):
-        async with cloud(aws_url, primaries=2, boot_delay_s=BOOT_S, tokens_per_s=50.0) as c:
+        async with cloud(aws_url, primaries=2, boot_delay_s=BOOT_S, tokens_per_s=20.0) as c:  # 100 s streams
             sqs = c.boto("sqs")
             queue = sqs.create_queue(QueueName="spot")["QueueUrl"]
 
