@@ -9,6 +9,7 @@ the machine. Linux only (epoll, /proc). Never run by the unit tests.
 
     python -m backends.sim.bench --mode plain --seconds 5 --connections 32
     python -m backends.sim.bench --mode stream --max-tokens 256 --connections 32
+    python -m backends.sim.bench --mode stream --max-tokens 64 --connections 200 --tokens-per-s 200
 """
 
 from __future__ import annotations
@@ -87,8 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=5.0)
     p.add_argument("--connections", type=int, default=32)
     p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--tokens-per-s", type=float, default=0.0, help="server decode pacing per stream")
+    p.add_argument("--latency-ms", type=float, default=0.0, help="server service time (non-streaming)")
     args = p.parse_args(argv)
-    child = subprocess.Popen([sys.executable, "-m", "backends.sim.cli", "--listen", "127.0.0.1:0"],
+    child = subprocess.Popen([sys.executable, "-m", "backends.sim.cli", "--listen", "127.0.0.1:0",
+                              "--tokens-per-s", str(args.tokens_per_s), "--latency-ms", str(args.latency_ms)],
                              stdout=subprocess.PIPE, text=True)
     try:
         line = child.stdout.readline() if child.stdout else ""
@@ -103,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         child.terminate()
         child.wait(10)
     print(f"mode={args.mode} connections={args.connections} max_tokens={args.max_tokens} "
+          f"tokens_per_s={args.tokens_per_s} latency_ms={args.latency_ms} "
           f"wall={wall:.2f}s server_cpu={cpu:.2f}s (user {user:.2f}s, system {system:.2f}s; "
           f"{100 * cpu / wall:.0f}% of one core)")
     print(f"responses: {done / wall:,.0f}/s wall, {done / cpu:,.0f} per server CPU-second")

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import socket
+import struct
 from typing import Any, AsyncIterator, Callable
 
 import msgspec
@@ -343,3 +345,24 @@ async def test_bad_input_and_idle_connections_are_bounded(monkeypatch: pytest.Mo
             async with stream:  # an idle keep-alive connection is closed by the server
                 assert await stream.receive_some() == b""
             await wait_for(lambda: server.statistics().open_connections == 0)
+
+
+@pytest.mark.parametrize("rate", [0.0, 2000.0])
+async def test_reset_mid_stream_aborts_only_that_generation(rate: float) -> None:
+    # Pipelined bytes past MAX_HEAD_BYTES park the disconnect watcher, so the failed write is what
+    # notices the reset -- the path that must not take the whole server down.
+    junk = b"x" * (backends.sim.server.MAX_HEAD_BYTES + 1024)
+    with trio.fail_after(10):
+        async with running(tokens_per_s=rate) as (server, port):
+            for _ in range(3):
+                stream = await trio.open_tcp_stream("127.0.0.1", port)
+                await stream.send_all(post("/v1/chat/completions", {
+                    "model": "sim-chat", "messages": HELLO, "max_tokens": 4000, "stream": True}) + junk)
+                data = b""
+                while data.count(b"data: ") < 3:
+                    data += await stream.receive_some()
+                stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                await stream.aclose()  # RST: the server's next write fails
+            await wait_for(lambda: server.statistics().cancelled_total == 3)
+            assert split(await exchange(port, get("/health")))[0] == 200
+            assert server.statistics().running == 0
