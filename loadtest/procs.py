@@ -207,7 +207,9 @@ def render_nginx_conf(prefix: Path, routes: list[tuple[int, str]], nofile: int) 
         hostport = upstream.split("://", 1)[1].rstrip("/")
         blocks.append(
             f"    upstream up{i} {{\n        server {hostport};\n        keepalive 512;\n"
-            "        keepalive_requests 1000000;\n        keepalive_timeout 300s;\n    }\n"
+            # Below the 5 s after which uvicorn (vLLM, and the sim) drops idle keep-alive connections:
+            # otherwise nginx reuses one the upstream is closing and answers 502.
+            "        keepalive_requests 1000000;\n        keepalive_timeout 4s;\n    }\n"
             f"    server {{\n        listen 127.0.0.1:{port} backlog=4096;\n"
             f"        location / {{\n            proxy_pass http://up{i};\n"
             "        }\n    }\n"
