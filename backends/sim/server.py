@@ -172,7 +172,16 @@ class _Request(NamedTuple):
 
 
 class SimServer:
-    """A simulated vLLM OpenAI-compatible server (see the module docstring)."""
+    """A simulated vLLM OpenAI-compatible server (see the module docstring).
+
+    Mutable knobs, read on every request: `healthy` (False -> /health answers 503, as vLLM with a
+    dead engine; the API keeps serving) and `die_after_events` (a stream started while it is set is
+    closed abruptly after that many SSE events -- role, token, usage and [DONE] chunks all count --
+    without the terminating chunk). `requests` records every parsed request on arrival;
+    `responses` records every answer body (de-chunked, exactly as sent, partial when cut) when the
+    answer ends -- so the two line up index for index for sequential traffic, and by completion
+    order under concurrency.
+    """
 
     def __init__(self, options: SimOptions = SimOptions()) -> None:
         self.options = options

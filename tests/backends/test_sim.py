@@ -115,6 +115,9 @@ async def test_raw_response_head_matches_uvicorn_and_recording() -> None:
             assert headers["server"] == "uvicorn" and headers["content-type"] == "application/json"
             assert int(headers["content-length"]) == len(body) and server.responses[-1] == body
             assert json.loads(body)["choices"][0]["finish_reason"] == "length"
+            _, _, body = split(await exchange(port, post("/v1/completions", {
+                "model": "sim-chat", "prompt": "x", "max_tokens": 1}, b"X-Request-Id: trace-7")))
+            assert json.loads(body)["id"] == "cmpl-trace-7"  # vLLM honours X-Request-Id
 
 
 async def test_streaming_chat_chunks_usage_and_done() -> None:
