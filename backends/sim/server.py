@@ -1,11 +1,8 @@
-"""The simulated vLLM OpenAI server: a trio + h11 HTTP/1.1 loop that pumps `Plan`s onto sockets.
+"""The simulated vLLM OpenAI server: routes, generation timing and the books.
 
-Strategy: one task per connection, one request/response cycle per loop turn. h11 parses each request
-(a fresh `h11.Connection` per cycle, fed the bytes left over from the previous one); responses are
-hand-encoded with the headers uvicorn puts on vLLM's answers (`date`, `server: uvicorn`, then
-Starlette's `content-length`/`content-type`, or `transfer-encoding: chunked` for SSE), which keeps
-the simulator well clear of being a benchmark's bottleneck. What to answer is decided in
-`planning`/`responses`; this module only decides *when* bytes go out and keeps the books.
+Strategy: one task per connection, one request/response cycle per loop turn; HTTP framing, socket
+I/O and the bounds on idle/slow/huge input live in `wire`. What to answer is decided in
+`planning`/`responses`; this module only decides *when* bytes go out and keeps the counters.
 
 Rules:
 - Time: step k of a stream is due at t0 + ttft + k / tokens_per_s (absolute, `trio.sleep_until`,
@@ -15,25 +12,19 @@ Rules:
 - Disconnects: whenever we wait, a watcher reads the socket; EOF cancels the generation, which is
   then counted as aborted (`cancelled_total`, `finished_reason="abort"`), like vLLM's
   `with_cancellation` / StreamingResponse disconnect handling. Failed writes count the same way.
-- Bounds: idle keep-alive `KEEPALIVE_IDLE_S` (uvicorn's 5 s default, which vLLM keeps), request
-  head+body within `REQUEST_READ_S`, heads up to `MAX_HEAD_BYTES`, bodies up to `MAX_BODY_BYTES`
-  (413), writes stalled past `WRITE_S` abort the stream, the recording deques hold 200 entries.
 - `/metrics`, `/health` and `statistics()` read the same live counters, so the waker's idle
   detector sees exactly what a test sees. Auth applies to `/v1/*` only, as `vllm serve --api-key`.
+- A bug on one connection is logged and closes that connection only; the server keeps serving.
 """
 
 from __future__ import annotations
 
 import collections
-import email.utils
 import hmac
 import logging
 import math
-import socket
-import time
 from typing import Awaitable, Callable, NamedTuple
 
-import h11
 import msgspec
 import trio
 
@@ -41,24 +32,13 @@ from backends.sim.planning import Planner
 from backends.sim.responses import (
     VLLM_VERSION, Plan, SimError, SimOptions, embeddings_body, error, models_body,
 )
+from backends.sim.wire import JSON, MAX_HEAD_BYTES, WRITE_S, Conn, Refused, Request, read_request, sse_head
 
 log = logging.getLogger(__name__)
 
-KEEPALIVE_IDLE_S = 5.0
-REQUEST_READ_S = 30.0
-WRITE_S = 60.0
-MAX_HEAD_BYTES = 64 * 1024
-MAX_BODY_BYTES = 32 * 1024 * 1024
-RECEIVE_BYTES = 65536
-STREAM_BATCH = 32
+STREAM_BATCH = 32  # unpaced SSE events per write
 RECORDED = 200
-_FAIRNESS = 16
 
-_JSON = b"application/json"
-_SSE_HEAD = (b"HTTP/1.1 200 OK\r\ndate: %s\r\nserver: uvicorn\r\n"
-             b"content-type: text/event-stream; charset=utf-8\r\ntransfer-encoding: chunked\r\n\r\n")
-_REASONS = {200: b"OK", 400: b"Bad Request", 401: b"Unauthorized", 404: b"Not Found",
-            405: b"Method Not Allowed", 413: b"Request Entity Too Large", 503: b"Service Unavailable"}
 _ENGINE_REASON = {"stop": "stop", "tool_calls": "stop", "length": "length", "abort": "abort"}
 
 
@@ -99,78 +79,6 @@ class _Model:
         self.success = {"stop": 0, "length": 0, "abort": 0, "error": 0}
 
 
-class _Conn:
-    """One accepted socket: non-blocking stdlib I/O parked on trio's `wait_readable`/`wait_writable`.
-
-    The fast path costs one syscall per read or write and no scheduler round trip; `_FAIRNESS`
-    operations in a row without waiting end in a checkpoint, so a busy connection (an unpaced
-    stream, a pipelining client) still lets the others run and still sees cancellation.
-    """
-
-    __slots__ = ("sock", "buffer", "scope", "linger", "eager")
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.buffer = b""  # received bytes of the next request (pipelining)
-        # one scope per connection; its deadline follows the phase (idle, reading, writing, waiting)
-        self.scope = trio.CancelScope()
-        self.linger = False  # closing after an error answer: drain unread input so no RST eats it
-        self.eager = 0  # operations since this connection last yielded to the scheduler
-
-    def phase(self, seconds: float) -> None:
-        self.scope.deadline = trio.current_time() + seconds
-
-    async def _yield_sometimes(self) -> None:
-        self.eager += 1
-        if self.eager >= _FAIRNESS:
-            self.eager = 0
-            await trio.lowlevel.checkpoint()
-
-    async def receive(self) -> bytes:
-        """Up to RECEIVE_BYTES; b"" at EOF. Resets and other socket errors -> BrokenResourceError."""
-        while True:
-            try:
-                data = self.sock.recv(RECEIVE_BYTES)
-            except BlockingIOError:
-                self.eager = 0
-                await trio.lowlevel.wait_readable(self.sock)
-                continue
-            except OSError as exc:
-                raise trio.BrokenResourceError(exc) from exc
-            await self._yield_sometimes()
-            return data
-
-    async def send(self, data: bytes) -> None:
-        """Write all of `data`, waiting for buffer space as needed (the flow control)."""
-        sent = 0
-        view = None
-        while True:
-            try:
-                sent += self.sock.send(data if view is None else view[sent:])
-            except BlockingIOError:
-                pass
-            except OSError as exc:
-                raise trio.BrokenResourceError(exc) from exc
-            if sent >= len(data):
-                await self._yield_sometimes()
-                return
-            view = memoryview(data)
-            self.eager = 0
-            await trio.lowlevel.wait_writable(self.sock)
-
-    def close(self) -> None:
-        trio.lowlevel.notify_closing(self.sock)
-        self.sock.close()
-
-
-class _Request(NamedTuple):
-    method: bytes
-    path: bytes
-    headers: dict[bytes, bytes]
-    body: bytes
-    keep_alive: bool
-
-
 class SimServer:
     """A simulated vLLM OpenAI-compatible server (see the module docstring).
 
@@ -194,9 +102,7 @@ class SimServer:
         self._auth = b"Bearer " + options.api_key.encode() if options.api_key is not None else None
         self._totals = {"requests": 0, "finished": 0, "cancelled": 0, "errors": 0, "connections": 0,
                         "stop": 0, "length": 0, "tool_calls": 0}
-        self._date_second = -1
-        self._date = b""
-        self._routes: dict[bytes, tuple[bytes, Callable[[_Conn, _Request], Awaitable[bool]]]] = {
+        self._routes: dict[bytes, tuple[bytes, Callable[[Conn, Request], Awaitable[bool]]]] = {
             b"/v1/chat/completions": (b"POST", self._chat),
             b"/v1/completions": (b"POST", self._completion),
             b"/v1/embeddings": (b"POST", self._embeddings),
@@ -233,14 +139,24 @@ class SimServer:
 
     async def _connection(self, stream: trio.SocketStream) -> None:
         self._totals["connections"] += 1
-        sock = socket.socket(fileno=stream.socket.detach())  # trio set TCP_NODELAY on accept
-        sock.setblocking(False)
-        conn = _Conn(sock)
+        conn = Conn(stream)
         try:
             with conn.scope:  # a phase deadline passing ends the connection (and aborts its generation)
                 while True:
-                    request = await self._read(conn)
-                    if request is None or not await self._dispatch(conn, request):
+                    try:
+                        request = await read_request(conn)
+                    except Refused as refused:
+                        self._totals["errors"] += 1
+                        conn.linger = True
+                        await conn.respond(refused.status, refused.body, False, refused.content_type)
+                        return
+                    if request is None:
+                        return
+                    self._totals["requests"] += 1
+                    self.requests.append(RecordedRequest(request.method.decode(),
+                                                         request.target.decode("latin-1"),
+                                                         request.headers, request.body))
+                    if not await self._dispatch(conn, request):
                         return
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the client went away; an interrupted generation was already counted as aborted
@@ -248,76 +164,12 @@ class SimServer:
             log.exception("simulated vLLM: unexpected error on a connection")
         finally:
             self._totals["connections"] -= 1
-            if conn.linger:
-                with trio.CancelScope(shield=True):
-                    await _lingering_close(conn)
-            conn.close()
+            await conn.close()
 
-    async def _read(self, conn: _Conn) -> _Request | None:
-        """The next request, or None when the connection should close (EOF, bad or huge input)."""
-        parser = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
-        data, conn.buffer = conn.buffer, b""
-        # One deadline per cycle on the fast path: the idle allowance also covers parsing and an
-        # immediate answer; a request that needs more reads, or an answer that waits, moves it.
-        conn.phase(KEEPALIVE_IDLE_S)
-        if not data:
-            data = await conn.receive()
-            if not data:
-                return None
-        parser.receive_data(data)
-        head: h11.Request | None = None
-        chunks: list[bytes] = []
-        size = 0
-        slow = False
-        try:
-            while True:
-                event = parser.next_event()
-                if event is h11.NEED_DATA:
-                    if not slow:
-                        slow = True
-                        conn.phase(REQUEST_READ_S)
-                    parser.receive_data(await conn.receive())
-                elif type(event) is h11.Data:
-                    chunks.append(event.data)
-                    size += len(event.data)
-                    if size > MAX_BODY_BYTES:
-                        return await self._refuse(conn, 413, b'{"detail":"Request Entity Too Large"}')
-                elif type(event) is h11.Request:
-                    head = event
-                    headers = list(event.headers)
-                    fields = dict(headers)
-                    if int(fields.get(b"content-length", 0)) > MAX_BODY_BYTES:
-                        return await self._refuse(conn, 413, b'{"detail":"Request Entity Too Large"}')
-                    if parser.they_are_waiting_for_100_continue:
-                        await conn.send(b"HTTP/1.1 100 Continue\r\n\r\n")
-                elif type(event) is h11.EndOfMessage:
-                    break
-                else:  # ConnectionClosed before a request started
-                    return None
-        except h11.RemoteProtocolError:
-            return await self._refuse(conn, 400, b"Invalid HTTP request received.",
-                                      b"text/plain; charset=utf-8")
-        assert head is not None
-        if slow:
-            conn.phase(WRITE_S)
-        conn.buffer = parser.trailing_data[0]
-        keep = head.http_version == b"1.1" and b"close" not in fields.get(b"connection", b"").lower()
-        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        self._totals["requests"] += 1
-        self.requests.append(RecordedRequest(head.method.decode(), head.target.decode("latin-1"),
-                                             headers, body))
-        return _Request(head.method, head.target.split(b"?", 1)[0], fields, body, keep)
-
-    async def _refuse(self, conn: _Conn, status: int, body: bytes, content_type: bytes = _JSON) -> None:
-        """Answer input we will not read (uvicorn's wording for bad HTTP) and close."""
-        self._totals["errors"] += 1
-        conn.linger = True
-        await self._send(conn, status, body, False, content_type)
-
-    async def _dispatch(self, conn: _Conn, request: _Request) -> bool:
+    async def _dispatch(self, conn: Conn, request: Request) -> bool:
         """Answer one request; returns whether the connection stays open."""
         if self._auth is not None and request.path.startswith(b"/v1") \
-                and not _same(request.headers.get(b"authorization", b""), self._auth):
+                and not _same(request.fields.get(b"authorization", b""), self._auth):
             return await self._error(conn, request, 401, b'{"error":"Unauthorized"}')
         route = self._routes.get(request.path)
         if route is None:
@@ -330,13 +182,13 @@ class SimServer:
 
     # -- routes ------------------------------------------------------------------------------------
 
-    async def _chat(self, conn: _Conn, request: _Request) -> bool:
+    async def _chat(self, conn: Conn, request: Request) -> bool:
         return await self._generate(conn, request, self._planner.chat)
 
-    async def _completion(self, conn: _Conn, request: _Request) -> bool:
+    async def _completion(self, conn: Conn, request: Request) -> bool:
         return await self._generate(conn, request, self._planner.completion)
 
-    async def _embeddings(self, conn: _Conn, request: _Request) -> bool:
+    async def _embeddings(self, conn: Conn, request: Request) -> bool:
         t0 = trio.current_time()
         try:
             _json_only(request)
@@ -354,26 +206,26 @@ class SimServer:
                 conn.phase(WRITE_S)
             body = embeddings_body(model, vectors, prompt, b64)
             self.responses.append(body)
-            await self._send(conn, 200, body, request.keep_alive)
+            await conn.respond(200, body, request.keep_alive)
             outcome = "stop"
             return request.keep_alive
         finally:
-            self._finish(counters, outcome, outcome, 0)
+            self._finish(counters, outcome, 0)
 
-    async def _list_models(self, conn: _Conn, request: _Request) -> bool:
+    async def _list_models(self, conn: Conn, request: Request) -> bool:
         names = (*self.options.models, *self.options.embedding_models)
         return await self._ok(conn, request, models_body(names, self.options.max_model_len))
 
-    async def _health(self, conn: _Conn, request: _Request) -> bool:
+    async def _health(self, conn: Conn, request: Request) -> bool:
         status = 200 if self.healthy else 503
         self.responses.append(b"")
-        await self._send(conn, status, b"", request.keep_alive, None)
+        await conn.respond(status, b"", request.keep_alive, None)
         return request.keep_alive
 
-    async def _version(self, conn: _Conn, request: _Request) -> bool:
+    async def _version(self, conn: Conn, request: Request) -> bool:
         return await self._ok(conn, request, b'{"version":"%s"}' % VLLM_VERSION.encode())
 
-    async def _metrics(self, conn: _Conn, request: _Request) -> bool:
+    async def _metrics(self, conn: Conn, request: Request) -> bool:
         return await self._ok(conn, request, self.metrics_text(),
                               b"text/plain; version=0.0.4; charset=utf-8")
 
@@ -407,11 +259,11 @@ class SimServer:
 
     # -- generation ----------------------------------------------------------------------------------
 
-    async def _generate(self, conn: _Conn, request: _Request, plan_for: Callable[..., Plan]) -> bool:
+    async def _generate(self, conn: Conn, request: Request, plan_for: Callable[..., Plan]) -> bool:
         t0 = trio.current_time()
         try:
             _json_only(request)
-            rid = request.headers.get(b"x-request-id")
+            rid = request.fields.get(b"x-request-id")
             plan = plan_for(request.body, rid.decode("latin-1") if rid else None)
         except SimError as exc:
             return await self._error(conn, request, exc.status, exc.body)
@@ -435,25 +287,26 @@ class SimServer:
                 conn.phase(WRITE_S)
             body = plan.body()
             sent.append(body)
-            await self._send(conn, 200, body, request.keep_alive)
+            await conn.respond(200, body, request.keep_alive)
             outcome = plan.choices[0].finish
             return request.keep_alive
         finally:
             self.responses.append(b"".join(sent))
             tokens = plan.completion_tokens if outcome != "abort" else _streamed_tokens(plan, sent)
-            self._finish(counters, outcome, outcome, tokens)
+            self._finish(counters, outcome, tokens)
 
-    def _finish(self, counters: _Model, reason: str, outcome: str, tokens: int) -> None:
+    def _finish(self, counters: _Model, outcome: str, tokens: int) -> None:
+        """Book one generation: outcome is its finish_reason, or "abort" when it was cut."""
         counters.running -= 1
         counters.generation += tokens
-        counters.success[_ENGINE_REASON[reason]] += 1
+        counters.success[_ENGINE_REASON[outcome]] += 1
         if outcome == "abort":
             self._totals["cancelled"] += 1
         else:
             self._totals["finished"] += 1
             self._totals[outcome] += 1
 
-    async def _stream(self, conn: _Conn, plan: Plan, t0: float, sent: list[bytes]) -> bool:
+    async def _stream(self, conn: Conn, plan: Plan, t0: float, sent: list[bytes]) -> bool:
         """Write the SSE stream; False if it was cut (client gone, write failed, fault injected)."""
         o = self.options
         if o.tokens_per_s <= 0 and o.ttft_ms <= 0:
@@ -468,33 +321,33 @@ class SimServer:
             nursery.cancel_scope.cancel()
         return done
 
-    async def _pump(self, conn: _Conn, plan: Plan, t0: float, sent: list[bytes]) -> bool:
+    async def _pump(self, conn: Conn, plan: Plan, t0: float, sent: list[bytes]) -> bool:
         rate = self.options.tokens_per_s
         first = t0 + self.options.ttft_ms / 1000
         paced = rate > 0 or first > t0
         die = self.die_after_events
-        out = [_SSE_HEAD % self._date_header()]
+        out = [sse_head()]
         step_due = -1
         for step, event in plan.events():
             if paced and step != step_due:
                 step_due = step
                 due = first + step / rate if rate > 0 else first
                 if due > trio.current_time():
-                    await self._write(conn, out)
+                    await conn.write(out)
                     conn.scope.deadline = math.inf
                     await trio.sleep_until(due)
             out.append(b"%x\r\n%s\r\n" % (len(event), event))
             sent.append(event)
             if die is not None and len(sent) >= die:
-                await self._write(conn, out)
+                await conn.write(out)
                 return False  # the caller closes the connection without the last chunk
             if len(out) >= STREAM_BATCH:
-                await self._write(conn, out)
+                await conn.write(out)
         out.append(b"0\r\n\r\n")
-        await self._write(conn, out)
+        await conn.write(out)
         return True
 
-    async def _sleep_watching(self, conn: _Conn, deadline: float) -> bool:
+    async def _sleep_watching(self, conn: Conn, deadline: float) -> bool:
         """Sleep until `deadline`; False if the client hung up first."""
         conn.scope.deadline = math.inf
         finished = False
@@ -505,7 +358,7 @@ class SimServer:
             nursery.cancel_scope.cancel()
         return finished
 
-    async def _watch(self, conn: _Conn, scope: trio.CancelScope) -> None:
+    async def _watch(self, conn: Conn, scope: trio.CancelScope) -> None:
         """Read while a generation runs: EOF or a reset cancels it; early bytes are kept."""
         while len(conn.buffer) <= MAX_HEAD_BYTES:
             try:
@@ -518,55 +371,19 @@ class SimServer:
             conn.buffer += data
         await trio.sleep_forever()
 
-    # -- writing -------------------------------------------------------------------------------------
+    # -- answers ---------------------------------------------------------------------------------------
 
-    def _date_header(self) -> bytes:
-        now = int(time.time())
-        if now != self._date_second:
-            self._date_second = now
-            self._date = email.utils.formatdate(now, usegmt=True).encode()
-        return self._date
-
-    async def _write(self, conn: _Conn, parts: list[bytes]) -> None:
-        if parts:
-            data = b"".join(parts)
-            parts.clear()
-            conn.phase(WRITE_S)
-            await conn.send(data)
-
-    async def _send(self, conn: _Conn, status: int, body: bytes, keep: bool,
-                    content_type: bytes | None = _JSON, extra: bytes = b"") -> None:
-        head = b"HTTP/1.1 %d %s\r\ndate: %s\r\nserver: uvicorn\r\n%scontent-length: %d\r\n" % (
-            status, _REASONS.get(status, b""), self._date_header(), extra, len(body))
-        if content_type is not None:
-            head += b"content-type: %s\r\n" % content_type
-        if not keep:
-            head += b"connection: close\r\n"
-        await conn.send(head + b"\r\n" + body)
-
-    async def _ok(self, conn: _Conn, request: _Request, body: bytes, content_type: bytes = _JSON) -> bool:
+    async def _ok(self, conn: Conn, request: Request, body: bytes, content_type: bytes = JSON) -> bool:
         self.responses.append(body)
-        await self._send(conn, 200, body, request.keep_alive, content_type)
+        await conn.respond(200, body, request.keep_alive, content_type)
         return request.keep_alive
 
-    async def _error(self, conn: _Conn, request: _Request, status: int, body: bytes,
+    async def _error(self, conn: Conn, request: Request, status: int, body: bytes,
                      extra: bytes = b"") -> bool:
         self._totals["errors"] += 1
         self.responses.append(body)
-        await self._send(conn, status, body, request.keep_alive, _JSON, extra)
+        await conn.respond(status, body, request.keep_alive, JSON, extra)
         return request.keep_alive
-
-
-async def _lingering_close(conn: _Conn) -> None:
-    """Half-close, then discard what the client still sends (bounded), so the answer is read."""
-    with trio.move_on_after(1.0):
-        try:
-            conn.sock.shutdown(socket.SHUT_WR)
-            drained = 0
-            while drained < MAX_BODY_BYTES and (data := await conn.receive()):
-                drained += len(data)
-        except (OSError, trio.BrokenResourceError):
-            pass
 
 
 def _same(given: bytes, expected: bytes) -> bool:
@@ -574,9 +391,9 @@ def _same(given: bytes, expected: bytes) -> bool:
     return scheme.lower() == b"bearer" and hmac.compare_digest(b"Bearer " + token, expected)
 
 
-def _json_only(request: _Request) -> None:
+def _json_only(request: Request) -> None:
     """vLLM's `validate_json_request` dependency: the media type must be application/json."""
-    media = request.headers.get(b"content-type", b"").split(b";", 1)[0].strip().lower()
+    media = request.fields.get(b"content-type", b"").split(b";", 1)[0].strip().lower()
     if media != b"application/json":
         raise error(400, "Unsupported Media Type: Only 'application/json' is allowed", "Bad Request")
 

@@ -19,7 +19,7 @@ import openai
 import pytest
 import trio
 
-import backends.sim.server
+import backends.sim.wire
 from backends.sim import SimOptions, SimServer
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
@@ -336,8 +336,8 @@ async def test_pacing_follows_the_configured_rate() -> None:
 
 
 async def test_bad_input_and_idle_connections_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(backends.sim.server, "KEEPALIVE_IDLE_S", 0.05)
-    monkeypatch.setattr(backends.sim.server, "MAX_BODY_BYTES", 1000)
+    monkeypatch.setattr(backends.sim.wire, "KEEPALIVE_IDLE_S", 0.05)
+    monkeypatch.setattr(backends.sim.wire, "MAX_BODY_BYTES", 1000)
     with trio.fail_after(10):
         async with running() as (server, port):
             status, headers, body = split(await exchange(port, b"\x16\x03\x01garbage\r\n\r\n"))
@@ -354,7 +354,7 @@ async def test_bad_input_and_idle_connections_are_bounded(monkeypatch: pytest.Mo
 async def test_reset_mid_stream_aborts_only_that_generation(rate: float) -> None:
     # Pipelined bytes past MAX_HEAD_BYTES park the disconnect watcher, so the failed write is what
     # notices the reset -- the path that must not take the whole server down.
-    junk = b"x" * (backends.sim.server.MAX_HEAD_BYTES + 1024)
+    junk = b"x" * (backends.sim.wire.MAX_HEAD_BYTES + 1024)
     with trio.fail_after(10):
         async with running(tokens_per_s=rate) as (server, port):
             for _ in range(3):
