@@ -3,8 +3,9 @@ of every integration test and benchmark.
 
 Strategy: `SimServer(SimOptions(...)).serve(host, port, task_status=...)` is the whole public surface;
 `planning` decides what an answer contains (vLLM's validation order, deterministic token rules),
-`responses` renders vLLM's exact bytes, `server` owns sockets, timing and counters, `cli` is the
-`spotinference sim` command and `bench` measures the simulator itself. Nothing here imports `proxy`.
+`responses` renders vLLM's exact bytes, `wire` is HTTP/1.1 on a socket (h11 parsing, bounds),
+`server` owns routes, timing and counters, `cli` is the `spotinference sim` command and `bench`
+measures the simulator itself. Nothing here imports `proxy`.
 """
 
 from backends.sim.responses import VLLM_VERSION, SimOptions
