@@ -24,6 +24,7 @@ Token rules (deterministic, so tests and usage accounting can predict them):
   minimal instance of the function's parameters schema (`instance`); with `break_tool_json` they
   lose their closing brace and gain a stray comma.
 - n > 1: n choices; synthetic texts differ per choice index.
+Not simulated: logprobs (always null), echo, stop strings, beam search, reasoning output.
 """
 
 from __future__ import annotations

@@ -178,12 +178,16 @@ class Plan:
                 yield 0, (head + b'{"index":%d,"delta":{"role":"assistant","content":""},"logprobs":null,'
                           b'"finish_reason":null}],%s"prompt_token_ids":null}\n\n' % (c.index, usage0))
         step = 0
-        if len(self.choices) == 1 and self.kind == "chat" and not self.continuous \
-                and self.choices[0].tool_name is None:
+        if len(self.choices) == 1 and not self.continuous and self.choices[0].tool_name is None:
             # the hot path of benchmarks: plain text, one choice -- two constant slices per token
             c = self.choices[0]
-            pre = head + b'{"index":%d,"delta":{"content":' % c.index
-            mid = b'},"logprobs":null,"finish_reason":null,"token_ids":null}]}\n\n'
+            if self.kind == "chat":
+                pre = head + b'{"index":%d,"delta":{"content":' % c.index
+                mid = b'},"logprobs":null,"finish_reason":null,"token_ids":null}]}\n\n'
+            else:
+                pre = head + b'{"index":%d,"text":' % c.index
+                mid = (b',"logprobs":null,"finish_reason":null,"stop_reason":null,"prompt_token_ids":null,'
+                       b'"token_ids":null}],"usage":null}\n\n')
             encode = _enc.encode
             for step, piece in enumerate(c.pieces[:-1]):
                 yield step, pre + encode(piece) + mid

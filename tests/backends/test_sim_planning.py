@@ -197,3 +197,15 @@ def test_completions_batch_and_embeddings() -> None:
     assert model == "sim-embed" and len(vectors) == 2 and len(vectors[0]) == 8 and tokens == 2
     assert abs(sum(v * v for v in vectors[0]) - 1.0) < 1e-9 and not b64
     assert planner.embeddings(b'{"model":"sim-embed","input":"x"}')[1][0] == vectors[0]
+
+
+@pytest.mark.parametrize("kind", ["chat", "completion"])
+def test_fast_event_path_matches_the_general_renderer(kind: str) -> None:
+    planner = Planner(SimOptions())
+    if kind == "chat":
+        plan = planner.chat(b'{"messages":[{"role":"user","content":"q\\u00e9"}],"max_tokens":5,"stream":true}')
+    else:
+        plan = planner.completion(b'{"model":"sim-chat","prompt":"q","max_tokens":5,"stream":true}')
+    events = [e for _, e in plan.events()][(1 if kind == "chat" else 0):][:5]
+    head = events[0][:events[0].index(b'{"index"')]
+    assert events == [head + plan._chunk(plan.choices[0], step) for step in range(5)]
