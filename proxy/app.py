@@ -20,7 +20,7 @@ from proxy import errors, logs
 from proxy.config import Config
 from proxy.handlers import dispatch
 from proxy.keys import KeyStore
-from proxy.ratelimit import RateLimiter
+from proxy.ratelimit_shared import open_limiter
 from proxy.tiers import Router
 from proxy.upstream.pool import Pool
 from proxy.usage import UsageLog, UsageRow
@@ -50,8 +50,9 @@ class Gateway:
         up = runtime.config.upstream
         self.pool = Pool(max_idle_per_host=up.max_idle_per_host, idle_keepalive_s=up.idle_keepalive_s)
         self.metrics = Metrics()
-        self.limiter = RateLimiter(time.monotonic)
-        self.workers = max(1, workers)  # each worker enforces its share of a key's limits
+        self.workers = max(1, workers)
+        # Under the supervisor: one shared bucket table, exact limits (divisor 1); see ratelimit_shared.
+        self.limiter, self.limit_divisor = open_limiter(self.workers, time.monotonic)
         self.usage = None  # UsageLog, started by run_gateway when [usage] path is set
         self.open_connections = 0
         self.connections: set = set()  # open Downstream objects (a drain closes the idle ones)
@@ -99,7 +100,7 @@ class Gateway:
         headers = ()
         if key is not None and (key.rpm is not None or key.tpm is not None):
             estimate = view.estimate_prompt_tokens(len(body)) + (view.max_output_tokens() or 0)
-            w = self.workers
+            w = self.limit_divisor
             adm = self.limiter.admit(key.name, None if key.rpm is None else key.rpm / w,
                                      None if key.tpm is None else key.tpm / w, estimate)
             if not adm.allowed:

@@ -12,7 +12,9 @@ usage rows spilled by an earlier run, and then only watches:
   a log line says why and nothing changes;
 - SIGTERM/SIGINT: close our copy of the socket, forward the signal (each worker drains), wait up to
   drain_s plus a margin, SIGKILL stragglers, exit 0.
-Rate limits: each worker enforces `limit / N` of every key (see proxy/ratelimit.py and the README).
+Rate limits: the supervisor creates the shared bucket table (proxy/ratelimit_shared.py) before the
+workers start, names it in their environment, and deletes it on exit; every key's limits are exact
+across workers.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ def _spawn(index: int, config_path: str, fd: int, workers: int, env: dict) -> su
 
 
 def run_supervisor(config: Config, config_path: str) -> int:
+    from proxy import ratelimit_shared
     from proxy.metrics import prepare_multiproc_dir, worker_exited
     from proxy.usage import recover_spills
 
@@ -49,6 +52,8 @@ def run_supervisor(config: Config, config_path: str) -> int:
     n = config.server.workers
     metrics_dir = tempfile.mkdtemp(prefix="spotinference-metrics-")
     env = {**os.environ, **prepare_multiproc_dir(metrics_dir)}
+    ratelimit_table = ratelimit_shared.create_table()
+    env[ratelimit_shared.ENV] = ratelimit_table
     if config.usage.path:
         recovered = recover_spills(config.usage.path)
         if recovered:
@@ -109,6 +114,7 @@ def run_supervisor(config: Config, config_path: str) -> int:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+    os.unlink(ratelimit_table)
     logs.event("supervisor_stopped")
     return 0
 
