@@ -63,6 +63,8 @@ class Server:
             task_status.started((host, port))
             with self._accept_scope:
                 await self._accept_loop(connections)
+            # Closed here, by the task that accepted on it, never under a pending wait or accept().
+            sockio.close(self.sock)
             # Draining: wait for in-flight connections, up to drain_s, then cut them.
             with trio.move_on_after(self.config.drain_s):
                 while self.gw.open_connections > 0:
@@ -104,8 +106,7 @@ class Server:
         if self.draining:
             return
         self.draining = True
-        self._accept_scope.cancel()
-        sockio.close(self.sock)
+        self._accept_scope.cancel()  # serve() closes the listening socket once the loop has stopped
         self.gw.close_idle_connections()
 
 
