@@ -9,8 +9,9 @@ Rules:
   so drift never accumulates); unpaced streams are written in batches of `STREAM_BATCH` events
   (still one SSE event per token). Non-streaming answers are ready at t0 + ttft + decode time +
   latency. t0 is when the request body was complete.
-- Disconnects: whenever we wait, a watcher reads the socket; EOF cancels the generation, which is
-  then counted as aborted (`cancelled_total`, `finished_reason="abort"`), like vLLM's
+- Disconnects: whenever we wait (ttft, pacing, latency) the connection's own task parks on socket
+  readability with the due time as its deadline -- no extra watcher task; EOF or a reset ends the
+  generation, counted as aborted (`cancelled_total`, `finished_reason="abort"`), like vLLM's
   `with_cancellation` / StreamingResponse disconnect handling. Failed writes count the same way.
 - `/metrics`, `/health` and `statistics()` read the same live counters, so the waker's idle
   detector sees exactly what a test sees. Auth applies to `/v1/*` only, as `vllm serve --api-key`.
@@ -308,18 +309,10 @@ class SimServer:
 
     async def _stream(self, conn: Conn, plan: Plan, t0: float, sent: list[bytes]) -> bool:
         """Write the SSE stream; False if it was cut (client gone, write failed, fault injected)."""
-        o = self.options
-        if o.tokens_per_s <= 0 and o.ttft_ms <= 0:
+        try:
             return await self._pump(conn, plan, t0, sent)
-        done = False
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._watch, conn, nursery.cancel_scope)
-            try:  # inside a nursery an I/O error would surface as an ExceptionGroup: keep it plain
-                done = await self._pump(conn, plan, t0, sent)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
-            nursery.cancel_scope.cancel()
-        return done
+        except trio.BrokenResourceError:
+            return False
 
     async def _pump(self, conn: Conn, plan: Plan, t0: float, sent: list[bytes]) -> bool:
         rate = self.options.tokens_per_s
@@ -334,8 +327,8 @@ class SimServer:
                 due = first + step / rate if rate > 0 else first
                 if due > trio.current_time():
                     await conn.write(out)
-                    conn.scope.deadline = math.inf
-                    await trio.sleep_until(due)
+                    if not await self._sleep_watching(conn, due):
+                        return False
             out.append(b"%x\r\n%s\r\n" % (len(event), event))
             sent.append(event)
             if die is not None and len(sent) >= die:
@@ -348,28 +341,23 @@ class SimServer:
         return True
 
     async def _sleep_watching(self, conn: Conn, deadline: float) -> bool:
-        """Sleep until `deadline`; False if the client hung up first."""
-        conn.scope.deadline = math.inf
-        finished = False
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._watch, conn, nursery.cancel_scope)
-            await trio.sleep_until(deadline)
-            finished = True
-            nursery.cancel_scope.cancel()
-        return finished
+        """Sleep until `deadline` while watching the socket; False if the client hung up first.
 
-    async def _watch(self, conn: Conn, scope: trio.CancelScope) -> None:
-        """Read while a generation runs: EOF or a reset cancels it; early bytes are kept."""
-        while len(conn.buffer) <= MAX_HEAD_BYTES:
-            try:
-                data = await conn.receive()
-            except trio.BrokenResourceError:
-                data = b""
-            if not data:
-                scope.cancel()
-                return
-            conn.buffer += data
-        await trio.sleep_forever()
+        One task, no watcher: park on readability with the deadline as a cancel scope. Bytes that
+        arrive meanwhile (a pipelined request) are kept for the next cycle, up to MAX_HEAD_BYTES.
+        """
+        conn.scope.deadline = math.inf
+        with trio.move_on_at(deadline):
+            while len(conn.buffer) <= MAX_HEAD_BYTES:
+                try:
+                    data = await conn.receive()
+                except trio.BrokenResourceError:
+                    return False
+                if not data:
+                    return False
+                conn.buffer += data
+            await trio.sleep_until(deadline)
+        return True
 
     # -- answers ---------------------------------------------------------------------------------------
 
