@@ -54,6 +54,9 @@ REQUEST_TIMEOUT_S = 30.0
 CONNECT_TIMEOUT_S = 10.0
 DRAIN_TIMEOUT_S = 60.0
 STALE_CHECK_AFTER_S = 0.5
+# uvicorn (vLLM, the sim) closes keep-alive connections idle for 5 s; reusing one at that moment
+# races the close (EOF or RST instead of an answer), so like any sane client we retire them first.
+MAX_IDLE_S = 4.0
 OPEN_LOOP_MAX_INFLIGHT = 4000
 CONN_ERROR_BACKOFF_S = 0.05
 BIG_STREAMS_RAMP_S = 1.0  # spread of the starts in the 1,000-stream check (streams last ~2 s)
@@ -217,7 +220,8 @@ class Pool:
         now = trio.current_time()
         while self.idle:
             conn = self.idle.pop()
-            if now - conn.idle_since < STALE_CHECK_AFTER_S or not conn.looks_stale():
+            idle_s = now - conn.idle_since
+            if idle_s < STALE_CHECK_AFTER_S or (idle_s < MAX_IDLE_S and not conn.looks_stale()):
                 return conn
             conn.close()
         self.opened += 1
