@@ -5,8 +5,8 @@ I/O and the bounds on idle/slow/huge input live in `wire`. What to answer is dec
 `planning`/`responses`; this module only decides *when* bytes go out and keeps the counters.
 
 Rules:
-- Time: step k of a stream is due at t0 + ttft + k / tokens_per_s (absolute, `trio.sleep_until`,
-  so drift never accumulates); unpaced streams are written in batches of `STREAM_BATCH` events
+- Time: step k of a stream is due at t0 + ttft + k / tokens_per_s (absolute deadlines, so drift
+  never accumulates); unpaced streams are written in batches of `STREAM_BATCH` events
   (still one SSE event per token). Non-streaming answers are ready at t0 + ttft + decode time +
   latency. t0 is when the request body was complete.
 - Disconnects: whenever we wait (ttft, pacing, latency) the connection's own task parks on socket
@@ -127,6 +127,7 @@ class SimServer:
         await trio.serve_listeners(self._connection, listeners)
 
     def statistics(self) -> SimStatistics:
+        """An immutable snapshot of the counters (the same ones /metrics renders)."""
         t = self._totals
         return SimStatistics(
             requests_total=t["requests"], running=sum(m.running for m in self._models.values()),
