@@ -238,6 +238,14 @@ class Pool:
         """Pre-open connections until `n` are idle (so cells do not measure TCP handshakes).
 
         Returns the kinds of the connect errors met (empty when all opened)."""
+        now = trio.current_time()
+        keep = []
+        for conn in self.idle:  # retire what the server closed or is about to close
+            if now - conn.idle_since < MAX_IDLE_S and not conn.looks_stale():
+                keep.append(conn)
+            else:
+                conn.close()
+        self.idle = keep
         missing = n - len(self.idle)
         limiter = trio.CapacityLimiter(parallel)
         failures: list[str] = []
