@@ -33,7 +33,7 @@ from backends.sim.planning import Planner
 from backends.sim.responses import (
     VLLM_VERSION, Plan, SimError, SimOptions, embeddings_body, error, models_body,
 )
-from backends.sim.wire import JSON, MAX_HEAD_BYTES, WRITE_S, Conn, Refused, Request, read_request, sse_head
+from backends.sim.wire import JSON, MAX_HEAD_BYTES, Conn, Refused, Request, read_request, sse_head
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +205,6 @@ class SimServer:
             if self.options.latency_ms > 0:
                 if not await self._sleep_watching(conn, t0 + self.options.latency_ms / 1000):
                     return False
-                conn.phase(WRITE_S)
             body = embeddings_body(model, vectors, prompt, b64)
             self.responses.append(body)
             await conn.respond(200, body, request.keep_alive)
@@ -286,7 +285,6 @@ class SimServer:
             if ready > trio.current_time():
                 if not await self._sleep_watching(conn, ready):
                     return False
-                conn.phase(WRITE_S)
             body = plan.body()
             sent.append(body)
             await conn.respond(200, body, request.keep_alive)
@@ -320,6 +318,7 @@ class SimServer:
         first = t0 + self.options.ttft_ms / 1000
         paced = rate > 0 or first > t0
         die = self.die_after_events
+        conn.scope.deadline = math.inf  # a stream is not idle; only a write that stalls gets a limit
         out = [sse_head()]
         step_due = -1
         for step, event in plan.events():
@@ -347,7 +346,8 @@ class SimServer:
         One task, no watcher: park on readability with the deadline as a cancel scope. Bytes that
         arrive meanwhile (a pipelined request) are kept for the next cycle, up to MAX_HEAD_BYTES.
         """
-        conn.scope.deadline = math.inf
+        if conn.scope.deadline != math.inf:  # waiting is not idling: no phase limit applies
+            conn.scope.deadline = math.inf
         with trio.move_on_at(deadline):
             while len(conn.buffer) <= MAX_HEAD_BYTES:
                 try:

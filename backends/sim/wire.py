@@ -11,9 +11,9 @@ carry what uvicorn puts on vLLM's answers: `date`, `server: uvicorn`, then Starl
 
 Bounds (module constants, patched by tests): idle keep-alive `KEEPALIVE_IDLE_S` (uvicorn's 5 s
 default, which vLLM keeps), a request needing more than one read gets `REQUEST_READ_S`, heads up to
-`MAX_HEAD_BYTES`, bodies up to `MAX_BODY_BYTES` (413), a stalled write `WRITE_S`. One cancel scope
-per connection carries the deadline of the current phase, so the hot path arms one deadline per
-request.
+`MAX_HEAD_BYTES`, bodies up to `MAX_BODY_BYTES` (413), a write that has to wait for buffer space
+`WRITE_S`. One cancel scope per connection carries the deadline of the current phase, so the hot
+path arms one deadline per request and a paced stream none per token.
 """
 
 from __future__ import annotations
@@ -126,14 +126,14 @@ class Conn:
                 return
             view = memoryview(data)
             self.eager = 0
+            self.phase(WRITE_S)  # only a write that has to wait needs (and gets) an allowance
             await trio.lowlevel.wait_writable(self.sock)
 
     async def write(self, parts: list[bytes]) -> None:
-        """Send and clear buffered parts, with a fresh write allowance."""
+        """Send and clear buffered parts."""
         if parts:
             data = b"".join(parts)
             parts.clear()
-            self.phase(WRITE_S)
             await self.send(data)
 
     async def respond(self, status: int, body: bytes, keep: bool, content_type: bytes | None = JSON,
@@ -206,8 +206,6 @@ async def read_request(conn: Conn) -> Request | None:
     except h11.RemoteProtocolError:
         raise Refused(400, b"Invalid HTTP request received.", b"text/plain; charset=utf-8") from None
     assert head is not None
-    if slow:
-        conn.phase(WRITE_S)
     conn.buffer = parser.trailing_data[0]
     keep = head.http_version == b"1.1" and b"close" not in fields.get(b"connection", b"").lower()
     body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
