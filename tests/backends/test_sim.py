@@ -352,8 +352,8 @@ async def test_bad_input_and_idle_connections_are_bounded(monkeypatch: pytest.Mo
 
 @pytest.mark.parametrize("rate", [0.0, 2000.0])
 async def test_reset_mid_stream_aborts_only_that_generation(rate: float) -> None:
-    # Pipelined bytes past MAX_HEAD_BYTES park the disconnect watcher, so the failed write is what
-    # notices the reset -- the path that must not take the whole server down.
+    # Pipelined bytes past MAX_HEAD_BYTES end the disconnect watch while pacing, so the failed write is
+    # what notices the reset -- the path that must not take the whole server down.
     junk = b"x" * (backends.sim.wire.MAX_HEAD_BYTES + 1024)
     with trio.fail_after(10):
         async with running(tokens_per_s=rate) as (server, port):
