@@ -38,7 +38,8 @@ from backends.sim.wire import JSON, MAX_HEAD_BYTES, Conn, Refused, Request, read
 log = logging.getLogger(__name__)
 
 STREAM_BATCH = 32  # unpaced SSE events per write
-RECORDED = 200
+RECORDED = 200  # entries kept in `requests` / `responses`
+RECORDED_BODY_BYTES = 4 * 1024 * 1024  # a longer answer is recorded as its first 4 MiB
 
 _ENGINE_REASON = {"stop": "stop", "tool_calls": "stop", "length": "length", "abort": "abort"}
 
@@ -89,7 +90,7 @@ class SimServer:
     without the terminating chunk). `requests` records every parsed request on arrival;
     `responses` records every answer body (de-chunked, exactly as sent, partial when cut) when the
     answer ends -- so the two line up index for index for sequential traffic, and by completion
-    order under concurrency.
+    order under concurrency; bodies past RECORDED_BODY_BYTES are recorded as their prefix.
     """
 
     def __init__(self, options: SimOptions = SimOptions()) -> None:
@@ -291,7 +292,7 @@ class SimServer:
             outcome = plan.choices[0].finish
             return request.keep_alive
         finally:
-            self.responses.append(b"".join(sent))
+            self.responses.append(b"".join(sent)[:RECORDED_BODY_BYTES])
             tokens = plan.completion_tokens if outcome != "abort" else _streamed_tokens(plan, sent)
             self._finish(counters, outcome, tokens)
 
