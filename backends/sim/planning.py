@@ -17,7 +17,7 @@ Token rules (deterministic, so tests and usage accounting can predict them):
   the JSON document for tools / json_schema / json_object (4-character pieces), or synthetic words
   derived from the last user message: endless when the request set a limit, `default_max_tokens`
   long otherwise. Emitted = min(natural, limit); finish_reason "stop" when the natural answer fits,
-  "length" when cut. A streamed auto/required tool call spends one more token on the name delta.
+  "length" when cut. An auto/required tool call spends one more token (streamed: the name delta).
 - tools: a named tool_choice calls that function (finish "stop", as vLLM); "required" calls the first
   tool; "auto" (the default when tools are given) calls the first tool unless the last message is a
   tool result, then it answers in text -- one agent-loop turn, deterministically. Arguments are a

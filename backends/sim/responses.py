@@ -1,11 +1,10 @@
-"""What the simulated vLLM answers: request validation, token plans, and the exact response bytes.
+"""What the simulated vLLM answers, as bytes: options, the plan of an answer and its rendering.
 
-Strategy: this module is pure (no I/O, no clock other than the `created` stamp) so the wire shapes are
-unit-testable and the server loop stays a byte pump. `Responder` is built once per server from the
-frozen `SimOptions`; per request it decodes a narrow msgspec view of the body, validates it in
-vLLM's order (body validation -> model -> context length -> sampling params) and returns a `Plan`:
-the token pieces of every choice and their finish reasons. A plan renders either one JSON body or a
-sequence of `(step, sse_event_bytes)` pairs; the server decides *when* step k goes out.
+Strategy: pure (no I/O, no clock other than the `created` stamp) so the wire shapes are unit-tested
+byte for byte and the server stays a byte pump. `planning` turns a request into a `Plan` (the token
+pieces of every choice and their finish reasons); a plan renders either one JSON body or a sequence
+of `(step, sse_event_bytes)` pairs, and the server decides *when* step k goes out. Also here: the
+error envelope, minimal JSON-schema instances, and the /v1/models and /v1/embeddings bodies.
 
 Shapes follow vLLM's OpenAI server (v0.17-era main, `vllm/entrypoints/openai/`):
 - non-streaming bodies are `model_dump()` of the pydantic models: every field, nulls included
