@@ -38,7 +38,15 @@ from typing import Any
 import msgspec
 
 from backends.sim.responses import (
-    Choice, Plan, SimError, SimOptions, bad_request, error, instance, invalid_body, new_id,
+    Choice,
+    Plan,
+    SimError,
+    SimOptions,
+    bad_request,
+    error,
+    instance,
+    invalid_body,
+    new_id,
 )
 
 # -- request views (narrow; unknown fields such as top_k or guided_json are ignored) -------------
@@ -127,12 +135,7 @@ def _decode(decoder: msgspec.json.Decoder, body: bytes, required: str) -> Any:
 
 # -- token pieces ---------------------------------------------------------------------------------
 
-_WORDS = (
-    "the quick brown fox jumps over a lazy dog while seven spot instances wake up to serve "
-    "tokens from warm caches and every gateway relays bytes without delay so users see answers "
-    "stream in steady order across tiers of hosts that sleep until traffic returns at dawn with "
-    "new requests for short replies long essays code tools and data"
-).split()
+_WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "seven", "spot", "instances", "wake", "up", "to", "serve", "tokens", "from", "warm", "caches", "and", "every", "gateway", "relays", "bytes", "without", "delay", "so", "users", "see", "answers", "stream", "in", "steady", "order", "across", "tiers", "of", "hosts", "that", "sleep", "until", "traffic", "returns", "at", "dawn", "with", "new", "requests", "for", "short", "replies", "long", "essays", "code", "tools", "and", "data"]
 _SPACED = [" " + w for w in _WORDS]
 _WORD_RE = re.compile(r"\s*\S+|\s+$")
 
@@ -252,7 +255,7 @@ class Planner:
         """POST /v1/embeddings -> (model, vectors, prompt tokens, base64?) (raises SimError)."""
         req: _EmbeddingRequest = _decode(_embedding_dec, body, "input")
         if req.encoding_format not in ("float", "base64"):
-            raise invalid_body(f"Input should be 'float' or 'base64'", ("body", "encoding_format"),
+            raise invalid_body("Input should be 'float' or 'base64'", ("body", "encoding_format"),
                                "literal_error")
         model = req.model or (self.embedding_models[0] if self.embedding_models else "")
         if model not in self.embedding_models:

@@ -28,7 +28,8 @@ import math
 import random
 import struct
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import msgspec
 
@@ -83,7 +84,7 @@ def invalid_body(msg: str, loc: tuple[Any, ...] = ("body",), etype: str = "value
 class Choice:
     """One choice of a plan: its text pieces (one per token), finish reason and tool call."""
 
-    __slots__ = ("index", "pieces", "finish", "prompt_tokens", "tool_name", "tool_mode", "tool_id")
+    __slots__ = ("finish", "index", "pieces", "prompt_tokens", "tool_id", "tool_mode", "tool_name")
 
     def __init__(self, index: int, pieces: list[str], prompt_tokens: int) -> None:
         self.index = index
@@ -106,8 +107,17 @@ class Choice:
 class Plan:
     """A validated request and what it will generate."""
 
-    __slots__ = ("kind", "rid", "created", "model", "prompt_tokens", "choices", "stream",
-                 "include_usage", "continuous")
+    __slots__ = (
+        "choices",
+        "continuous",
+        "created",
+        "include_usage",
+        "kind",
+        "model",
+        "prompt_tokens",
+        "rid",
+        "stream",
+    )
 
     def __init__(self, kind: str, rid: str, model: str, prompt_tokens: int, *, stream: bool = False,
                  include_usage: bool = False, continuous: bool = False) -> None:
@@ -322,12 +332,12 @@ def _number(schema: dict[str, Any], integer: bool) -> int | float:
     multiple = schema.get("multipleOf")
     if multiple:
         value = math.ceil(value / multiple) * multiple
-    return int(math.ceil(value)) if integer else value
+    return math.ceil(value) if integer else value
 
 
 def new_id(prefix: str) -> str:
     """vLLM-style id: prefix + 16 random hex digits (not secret: ids, not keys)."""
-    return "%s%016x" % (prefix, random.getrandbits(64))
+    return f"{prefix}{random.getrandbits(64):016x}"
 
 
 def models_body(names: tuple[str, ...], max_model_len: int) -> bytes:
@@ -347,7 +357,7 @@ def models_body(names: tuple[str, ...], max_model_len: int) -> bytes:
 def embeddings_body(model: str, vectors: list[list[float]], prompt_tokens: int, b64: bool) -> bytes:
     """POST /v1/embeddings: EmbeddingResponse; base64 is little-endian float32, as the SDK expects."""
     data = [{"index": i, "object": "embedding",
-             "embedding": base64.b64encode(struct.pack("<%df" % len(v), *v)).decode() if b64 else v}
+             "embedding": base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode() if b64 else v}
             for i, v in enumerate(vectors)]
     usage = {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens, "completion_tokens": 0,
              "prompt_tokens_details": None}

@@ -24,14 +24,21 @@ import collections
 import hmac
 import logging
 import math
-from typing import Awaitable, Callable, NamedTuple
+from collections.abc import Awaitable, Callable
+from typing import NamedTuple
 
 import msgspec
 import trio
 
 from backends.sim.planning import Planner
 from backends.sim.responses import (
-    VLLM_VERSION, Plan, SimError, SimOptions, embeddings_body, error, models_body,
+    VLLM_VERSION,
+    Plan,
+    SimError,
+    SimOptions,
+    embeddings_body,
+    error,
+    models_body,
 )
 from backends.sim.wire import JSON, MAX_HEAD_BYTES, Conn, Refused, Request, read_request, sse_head
 
@@ -72,7 +79,7 @@ class SimStatistics(msgspec.Struct, frozen=True, kw_only=True):
 class _Model:
     """Per-model counters behind /metrics."""
 
-    __slots__ = ("running", "prompt", "generation", "success")
+    __slots__ = ("generation", "prompt", "running", "success")
 
     def __init__(self) -> None:
         self.running = 0
@@ -93,7 +100,7 @@ class SimServer:
     order under concurrency; bodies past RECORDED_BODY_BYTES are recorded as their prefix.
     """
 
-    def __init__(self, options: SimOptions = SimOptions()) -> None:
+    def __init__(self, options: SimOptions = SimOptions()) -> None:  # noqa: B008 (frozen, shared)
         self.options = options
         self.healthy = True
         self.die_after_events: int | None = None
@@ -203,9 +210,9 @@ class SimServer:
         counters.prompt += prompt
         outcome = "abort"
         try:
-            if self.options.latency_ms > 0:
-                if not await self._sleep_watching(conn, t0 + self.options.latency_ms / 1000):
-                    return False
+            if self.options.latency_ms > 0 and not await self._sleep_watching(
+                    conn, t0 + self.options.latency_ms / 1000):
+                return False
             body = embeddings_body(model, vectors, prompt, b64)
             self.responses.append(body)
             await conn.respond(200, body, request.keep_alive)
@@ -283,9 +290,8 @@ class SimServer:
             ready = t0 + (o.ttft_ms + o.latency_ms) / 1000
             if o.tokens_per_s > 0:
                 ready += max(plan.max_steps - 1, 0) / o.tokens_per_s
-            if ready > trio.current_time():
-                if not await self._sleep_watching(conn, ready):
-                    return False
+            if ready > trio.current_time() and not await self._sleep_watching(conn, ready):
+                return False
             body = plan.body()
             sent.append(body)
             await conn.respond(200, body, request.keep_alive)

@@ -77,7 +77,7 @@ class Refused(Exception):
 class Conn:
     """One accepted socket (see the module docstring)."""
 
-    __slots__ = ("sock", "buffer", "scope", "linger", "eager")
+    __slots__ = ("buffer", "eager", "linger", "scope", "sock")
 
     def __init__(self, stream: trio.SocketStream) -> None:
         self.sock = socket.socket(fileno=stream.socket.detach())  # trio set TCP_NODELAY on accept

@@ -12,7 +12,8 @@ import contextlib
 import json
 import socket
 import struct
-from typing import Any, AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import msgspec
 import openai
@@ -136,7 +137,7 @@ async def test_streaming_chat_chunks_usage_and_done() -> None:
             assert server.responses[-1].endswith(b"data: [DONE]\n\n")
             status, headers, body = split(await exchange(port, post("/v1/chat/completions", {
                 "model": "sim-chat", "messages": HELLO, "max_tokens": 2, "stream": True})))
-            assert headers["content-type"] == "text/event-stream; charset=utf-8"
+            assert status == 200 and headers["content-type"] == "text/event-stream; charset=utf-8"
             assert headers["transfer-encoding"] == "chunked" and body.endswith(b"\r\n0\r\n\r\n")
             events = dechunk(body).split(b"\n\n")[:-1]
             assert len(events) == 4 and events[-1] == b"data: [DONE]"
@@ -216,6 +217,7 @@ async def test_completions_embeddings_models_version() -> None:
             assert models == ["sim-chat", "sim-embed"]
             status, _, body = split(await exchange(port, get("/v1/models")))
             card = json.loads(body)["data"][0]
+            assert status == 200
             assert card["owned_by"] == "vllm" and card["max_model_len"] == 4096
             assert card["permission"][0]["object"] == "model_permission"
             assert json.loads(split(await exchange(port, get("/version")))[2]) == {"version": "0.17.0"}

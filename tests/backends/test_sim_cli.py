@@ -9,7 +9,7 @@ import sys
 import pytest
 import trio
 
-from backends.sim.cli import main, options_from, _parser
+from backends.sim.cli import _parser, main, options_from
 
 
 def test_flags_map_onto_options() -> None:

@@ -20,7 +20,10 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": 
     {"type": "function", "function": {"name": "noop"}}]
 
 
-def chat(options: SimOptions = SimOptions(), **fields):
+DEFAULTS = SimOptions()
+
+
+def chat(options: SimOptions = DEFAULTS, **fields):
     body = {"model": "sim-chat", "messages": [{"role": "user", "content": "Say hello."}], **fields}
     return Planner(options).chat(msgspec.json.encode(body))
 
