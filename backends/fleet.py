@@ -231,6 +231,12 @@ class ApiTap:
         return ApiCall(trio.current_time(), params.get("Action", "?"), params)
 
     async def _connection(self, stream: trio.SocketStream, client: httpx.AsyncClient) -> None:
+        try:
+            await self._cycles(stream, client)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the client hung up (a gateway being stopped, say): that connection is over
+
+    async def _cycles(self, stream: trio.SocketStream, client: httpx.AsyncClient) -> None:
         conn = h11.Connection(h11.SERVER)
         async with stream:
             while True:
@@ -274,7 +280,11 @@ class ApiTap:
                 logger.info("tap: injected fault", extra={"action": call.action, "code": fault.code})
                 return fault.status, [(b"content-type", b"text/xml")], ec2_error_body(fault.code, fault.message)
         fwd = [(k.decode(), v.decode()) for k, v in request.headers if k.lower() not in _HOP]
-        resp = await client.request(request.method.decode(), request.target.decode(), headers=fwd, content=body)
+        try:
+            resp = await client.request(request.method.decode(), request.target.decode(), headers=fwd,
+                                        content=body)
+        except httpx.HTTPError:
+            return 502, [(b"content-type", b"text/plain")], b"emulator unreachable"
         payload = resp.content
         rewrite = self._rewrites.get(call.action)
         if rewrite is not None:

