@@ -13,6 +13,7 @@ Strategy: the same code runs a single-process gateway and each worker under the 
 
 from __future__ import annotations
 
+import gc
 import signal
 
 import trio
@@ -58,6 +59,11 @@ async def serve_process(config: Config, config_path: str | None, *, sock=None, w
         async with trio.open_nursery() as nursery:
             host, port = await nursery.start(lambda task_status: run_gateway(
                 config, gateway=gw, sock=sock, spill_path=spill_path, task_status=task_status))
+            # Start-up objects are permanent: keep the cyclic GC off them, and run it less often --
+            # request objects die by reference counting, so frequent young collections are wasted work.
+            gc.collect()
+            gc.freeze()
+            gc.set_threshold(20_000, 50, 100)
             if announce:
                 print(f"spotinference listening on http://{host}:{port}", flush=True)
             task_status.started((host, port))
