@@ -335,19 +335,6 @@ def test_mixed_traffic_leaves_one_exact_usage_row_per_request(tmp_path):
 
 # -- 2. SIGTERM in the middle of load: streams finish, nothing lost, exit 0 --------------------------
 
-DRAIN_BUG = (
-    "gateway bug, proxy/server.py: Server.drain() (line 108, sockio.close) closes the listening socket while "
-    "_accept_loop may sit between `await slots.acquire()` -- whose success path is a cancel-SHIELDED "
-    "checkpoint, so the cancelled accept scope does not stop it -- and `listen.accept()` (line 81); accept() "
-    "then raises OSError EBADF, which is not a resource errno, escapes the accept loop and cancels the "
-    "connections nursery: every in-flight stream is cut mid-body and the process exits 1. Any connection "
-    "arriving as SIGTERM lands triggers it. With --workers N it is worse: sockio.close() calls "
-    "shutdown(SHUT_RDWR) on the SHARED listening socket, which stops it listening for every worker (and resets "
-    "its accept queue), so the other workers' accept() fails with EINVAL the same way."
-)
-
-
-@pytest.mark.xfail(strict=True, reason=DRAIN_BUG)
 @pytest.mark.parametrize("workers", [1, 2])
 def test_sigterm_under_load_drains_streams_and_loses_no_row(tmp_path, workers):
     db = tmp_path / "usage.sqlite3"
