@@ -35,6 +35,7 @@ import math
 import os
 import platform
 import select
+import signal
 import socket
 import subprocess
 import sys
@@ -642,12 +643,41 @@ def throughput_row(row_id: str, label: str, shape: Shape, stats: dict[str, Stat]
     }
 
 
+class Interrupted(Exception):
+    """SIGTERM or SIGHUP arrived: the run was cancelled and everything is being stopped."""
+
+
 async def measure(rig: Rig, plan: Plan, key: str | None, log) -> list[dict]:
-    """All cells of one run, in order; returns the rows of the report."""
+    """All cells of one run, in order; returns the rows of the report.
+
+    SIGTERM/SIGHUP cancel the run cleanly (then `Interrupted`); Ctrl-C is trio's KeyboardInterrupt."""
+    rows: list[dict] | None = None
+    interrupted = False
+    died: ProcessDied | None = None
     try:
-        return await _measure(rig, plan, key, log)
+        async with trio.open_nursery() as nursery:
+
+            async def watch_signals() -> None:
+                nonlocal interrupted
+                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGHUP) as signals:
+                    async for _ in signals:
+                        interrupted = True
+                        nursery.cancel_scope.cancel()
+                        return
+
+            nursery.start_soon(watch_signals)
+            try:
+                rows = await _measure(rig, plan, key, log)
+            except ProcessDied as exc:  # re-raised below, not wrapped in the nursery's ExceptionGroup
+                died = exc
+            nursery.cancel_scope.cancel()
     finally:
         rig.close_pools()  # trio sockets must be closed inside trio.run
+    if died is not None:
+        raise died
+    if interrupted or rows is None:
+        raise Interrupted
+    return rows
 
 
 async def _measure(rig: Rig, plan: Plan, key: str | None, log) -> list[dict]:
@@ -982,13 +1012,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     """`spotinference bench overhead ...`; 0 when every request succeeded."""
-    import signal
-
     from rich.console import Console
 
     args = parse_args(sys.argv[1:] if argv is None else argv)
     plan = Plan.quick() if args.quick else Plan.full(args.duration_s)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM unwinds like Ctrl-C: stop all
     nofile = procs.raise_nofile(plan.idle_conns + 4096)
     console = Console(width=None if sys.stdout.isatty() else 150)
     err = Console(stderr=True)
@@ -1014,6 +1041,9 @@ def main(argv: list[str] | None = None) -> int:
         except ProcessDied as exc:
             err.print(f"[red]aborted:[/red] {exc}")
             return 2
+        except Interrupted:
+            err.print("interrupted: stopping every process started")
+            return 130
     meta["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     errors = sum(r["errors"] for r in rows)
     render(rows, meta, rig.notes, console)
