@@ -131,8 +131,12 @@ class Gateway:
             ex.completion_tokens = tap.events  # roughly one event per token; flagged as estimated
             ex.estimated = True
 
-    def upstream_failed(self, tier, address) -> None:
-        logs.event("upstream_unreachable", level="warning", tier=tier.name, upstream=f"{address[0]}:{address[1]}")
+    def upstream_failed(self, tier, url: str) -> None:
+        """An upstream refused or reset before its first byte: tell the tier's waker (it takes the host
+        out of rotation and re-probes it)."""
+        logs.event("upstream_unreachable", level="warning", tier=tier.name, upstream=url)
+        if tier.waker is not None:
+            tier.waker.report_unreachable(url)
 
     def request_finished(self, ex) -> None:
         key_name = ex.key.name if ex.key is not None else None

@@ -182,6 +182,10 @@ def validate(cfg: Config) -> Config:
                 raise ConfigError(f"field '{where}.wake.instance_ids': at least one instance id is required")
             if w.budget_s <= 0 or w.hard_cap_s <= 0:
                 raise ConfigError(f"field '{where}.wake.budget_s': budget_s and hard_cap_s must be > 0")
+            if len(w.instance_ids) != len(tier.upstreams):
+                raise ConfigError(
+                    f"field '{where}.wake.instance_ids': {len(w.instance_ids)} instance id(s) for "
+                    f"{len(tier.upstreams)} upstream(s); instance_ids[i] is the host of upstreams[i]")
             if w.hard_cap_s < w.budget_s:
                 raise ConfigError(f"field '{where}.wake.hard_cap_s': must be >= budget_s ({w.budget_s})")
     for i, tier in enumerate(cfg.tiers):

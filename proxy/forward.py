@@ -118,16 +118,16 @@ async def _exchange(gw, ds: Downstream, ex: Exchange, tier, request, body: bytes
     try:
         while True:
             if waker is not None and not waker.is_ready():
-                await wait_for_tier(ds, ex, tier, stream=ex.stream, extra_headers=extra_headers)
+                tier = await wait_for_tier(gw, ds, ex, tier, stream=ex.stream, extra_headers=extra_headers)
             try:
                 conn, response = await open_upstream(gw, ds, ex, tier, request, body, watched)
                 break
             except errors.ApiError as err:
+                # Every upstream refused (each was reported to the waker as it failed): the tier went
+                # away under us -- wait for the waker again, within the same hard cap.
                 if (waker is None or err.code != "upstream_unavailable"
                         or remaining_s(ex, waker.settings.hard_cap_s) <= 0):
                     raise
-                for url in waker.upstreams() or tier.urls:
-                    waker.report_unreachable(url)
                 await trio.sleep(min(waker.settings.poll_s, max(0.0, remaining_s(ex, waker.settings.hard_cap_s))))
     except errors.ApiError as err:
         ex.fail(err)
@@ -170,7 +170,7 @@ async def open_upstream(gw, ds: Downstream, ex: Exchange, tier, request, body: b
     pool = gw.pool
     target = request.target
     saw_connect_error = saw_reset = False
-    for address in tier.candidates():
+    for url, address in tier.candidates():
         head = encode_request(b"POST", target, upstream_headers(request.headers, tier, address, ex.request_id,
                                                                  len(body), ex.client))
         for attempt in range(2):
@@ -182,7 +182,7 @@ async def open_upstream(gw, ds: Downstream, ex: Exchange, tier, request, body: b
                         conn = await pool.connect(address)
                 except (OSError, trio.TooSlowError):
                     saw_connect_error = True
-                    gw.upstream_failed(tier, address)
+                    gw.upstream_failed(tier, url)
                     break
             try:
                 ex.t_upstream = time.perf_counter()
@@ -197,7 +197,7 @@ async def open_upstream(gw, ds: Downstream, ex: Exchange, tier, request, body: b
                 if reused:
                     continue  # the server closed an idle keep-alive connection under us
                 saw_reset = True
-                gw.upstream_failed(tier, address)
+                gw.upstream_failed(tier, url)
                 break
             except trio.TooSlowError:
                 pool.discard(conn)

@@ -27,6 +27,8 @@ def configure(level: str = "info", access: bool = True, stream=None) -> None:
     root = logging.getLogger()
     root.handlers[:] = [_JsonHandler()]
     root.setLevel(_state["level"])
+    # httpx logs every request at INFO: the wakers' health probes would flood the log.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def _write(line: bytes) -> None:

@@ -64,7 +64,7 @@ class Server:
             with self._accept_scope:
                 await self._accept_loop(connections)
             # Closed here, by the task that accepted on it, never under a pending wait or accept().
-            sockio.close(self.sock)
+            sockio.close(self.sock, shutdown=False)  # other workers may still accept on it
             # Draining: wait for in-flight connections, up to drain_s, then cut them.
             with trio.move_on_after(self.config.drain_s):
                 while self.gw.open_connections > 0:

@@ -73,12 +73,15 @@ async def send_all(sock: socket.socket, data: bytes, write_s: float) -> None:
         view = view[sent:]
 
 
-def close(sock: socket.socket) -> None:
+def close(sock: socket.socket, *, shutdown: bool = True) -> None:
+    """Close a socket trio may be waiting on. `shutdown` ends the connection for every process that
+    shares it -- right for our own connections, wrong for a listening socket shared by workers."""
     if sock.fileno() < 0:
         return
     notify_closing(sock)
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
+    if shutdown:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
     sock.close()

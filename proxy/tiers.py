@@ -9,6 +9,7 @@ tier is ready; the router only holds it.
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 from proxy.config import Config, TierConfig, parse_upstream
@@ -17,15 +18,20 @@ if TYPE_CHECKING:
     from ops.waker import Waker
 
 
+@functools.lru_cache(maxsize=1024)
+def _address(url: str) -> tuple[str, int]:
+    return parse_upstream(url, "upstream")
+
+
 class Tier:
-    __slots__ = ("name", "models", "urls", "addresses", "auth_header", "waker", "_rr", "config")
+    __slots__ = ("name", "models", "urls", "pairs", "auth_header", "waker", "_rr", "config")
 
     def __init__(self, config: TierConfig) -> None:
         self.config = config
         self.name = config.name
         self.models = list(config.models)
         self.urls = list(config.upstreams)
-        self.addresses = [parse_upstream(u, "upstream") for u in self.urls]
+        self.pairs = [(u, _address(u)) for u in self.urls]
         self.auth_header = (
             (b"authorization", b"Bearer " + config.upstream_api_key.encode())
             if config.upstream_api_key else None
@@ -33,18 +39,17 @@ class Tier:
         self.waker: Waker | None = None
         self._rr = 0
 
-    def candidates(self) -> list[tuple[str, int]]:
-        """Upstream addresses to try for one request, rotated for round robin."""
+    def candidates(self) -> list[tuple[str, tuple[str, int]]]:
+        """(url, address) of the upstreams to try for one request, rotated for round robin."""
         if self.waker is not None:
-            urls = self.waker.upstreams()
-            addrs = [parse_upstream(u, "upstream") for u in urls] if urls else []
+            pairs = [(u, _address(u)) for u in self.waker.upstreams()]
         else:
-            addrs = self.addresses
-        n = len(addrs)
+            pairs = self.pairs
+        n = len(pairs)
         if n <= 1:
-            return addrs
+            return pairs
         self._rr = i = (self._rr + 1) % n
-        return addrs[i:] + addrs[:i]
+        return pairs[i:] + pairs[:i]
 
 
 class Router:

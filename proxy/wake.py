@@ -46,36 +46,65 @@ async def send_early_sse_head(ds: Downstream, ex: Exchange, extra_headers) -> No
     await ds.send_raw(ds.response_head(200, headers, None))
 
 
-async def wait_for_tier(ds: Downstream, ex: Exchange, tier, *, stream: bool, extra_headers) -> None:
-    """Wait until `tier` is ready, within the request's hard cap; a stream gets its SSE head early
-    (`ex.early_head`). Raises ApiError (504 wake_timeout / 503 overloaded) when the caller must fail."""
-    from ops.waker import WakeQueueFull
-
+async def wait_for_tier(gw, ds: Downstream, ex: Exchange, tier, *, stream: bool, extra_headers):
+    """Wait until `tier` -- or the tier its waker falls back to -- is ready, within the request's hard
+    cap; returns the tier to use. A stream gets its SSE head early (`ex.early_head`) and heartbeats.
+    Raises ApiError (504 wake_timeout / 503 overloaded) when the caller must fail."""
     waker = tier.waker
     settings = waker.settings
     started = time.perf_counter()
-    left = remaining_s(ex, settings.hard_cap_s)
     try:
-        if left > 0:
-            with trio.move_on_after(left):
-                if stream:
-                    if not ex.early_head:
-                        await send_early_sse_head(ds, ex, extra_headers)
-                    async with trio.open_nursery() as nursery:
-                        nursery.start_soon(_heartbeat, ds, settings.heartbeat_s, nursery.cancel_scope)
-                        await waker.wait_ready()
-                        nursery.cancel_scope.cancel()
-                else:
-                    await waker.wait_ready()
-    except WakeQueueFull as exc:
-        raise errors.overloaded(f"Too many requests are waiting for tier '{tier.name}' to wake.",
-                                max(1, int(exc.retry_after_s))) from None
+        if stream:
+            if not ex.early_head:
+                await send_early_sse_head(ds, ex, extra_headers)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_heartbeat, ds, settings.heartbeat_s, nursery.cancel_scope)
+                chosen = await _wait_ready_or_fallback(gw, ex, tier)
+                nursery.cancel_scope.cancel()
+        else:
+            chosen = await _wait_ready_or_fallback(gw, ex, tier)
     finally:
         ex.wake_ms = (ex.wake_ms or 0.0) + (time.perf_counter() - started) * 1000.0
     if ds.client_gone:
         raise ClientGone()
-    if not waker.is_ready():
+    if chosen is None:
         raise errors.wake_timeout(tier.name, time.perf_counter() - ex.t0)
+    return chosen
+
+
+def _fallback(gw, tier):
+    """The ready tier this tier's waker falls back to (`fallback_tier`), if any."""
+    name = tier.waker.fallback_tier
+    if not name:
+        return None
+    other = gw.runtime.router.tiers.get(name)
+    if other is None or (other.waker is not None and not other.waker.is_ready()):
+        return None
+    return other
+
+
+async def _wait_ready_or_fallback(gw, ex: Exchange, tier):
+    """Ready tier, or None at the hard cap. Wakes up every poll_s to notice a fallback tier."""
+    from ops.waker import WakeQueueFull
+
+    waker = tier.waker
+    settings = waker.settings
+    while True:
+        if waker.is_ready():
+            return tier
+        other = _fallback(gw, tier)
+        if other is not None:
+            ex.tier = other.name
+            return other
+        left = remaining_s(ex, settings.hard_cap_s)
+        if left <= 0:
+            return None
+        try:
+            with trio.move_on_after(min(left, settings.poll_s)):
+                await waker.wait_ready()
+        except WakeQueueFull as exc:
+            raise errors.overloaded(f"Too many requests are waiting for tier '{tier.name}' to wake.",
+                                    max(1, int(exc.retry_after_s))) from None
 
 
 def wake_header(ex: Exchange) -> tuple[bytes, bytes] | None:
