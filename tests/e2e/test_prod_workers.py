@@ -20,7 +20,17 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.e2e.test_production import (
-    ASK, add_key, children, client, gateway, revoke_key, run_threads, sim, wait_for, worker_of, write_config,
+    ASK,
+    add_key,
+    children,
+    client,
+    gateway,
+    revoke_key,
+    run_threads,
+    sim,
+    wait_for,
+    worker_of,
+    write_config,
 )
 
 
