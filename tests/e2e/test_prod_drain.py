@@ -37,17 +37,7 @@ from tests.e2e.test_production import (
 
 # -- 2. SIGTERM in the middle of load: streams finish, nothing lost, exit 0 --------------------------
 
-SHUTDOWN_RACE = (
-    "gateway bug, racy here (deterministic in test_prod_workers.py::"
-    "test_one_worker_stopped_gracefully_leaves_the_port_serving): the first worker to drain calls "
-    "proxy/sockio.py close() -> shutdown(SHUT_RDWR) on the SHARED listening socket (proxy/server.py line 67); "
-    "a worker whose accept loop wakes on that before its own SIGTERM is handled gets EINVAL from accept(), "
-    "crashes (a traceback on stderr) and cuts its streams. The supervisor still exits 0. Not strict: "
-    "it depends on which worker handles SIGTERM first."
-)
-
-
-@pytest.mark.parametrize("workers", [1, pytest.param(2, marks=pytest.mark.xfail(strict=False, reason=SHUTDOWN_RACE))])
+@pytest.mark.parametrize("workers", [1, 2])
 def test_sigterm_under_load_drains_streams_and_loses_no_row(tmp_path, workers):
     db = tmp_path / "usage.sqlite3"
     stream_tokens = 100  # 4 s each at 25 tokens/s: in flight when SIGTERM arrives

@@ -263,18 +263,6 @@ def test_sigkilled_worker_is_replaced_and_the_port_keeps_serving(tmp_path):
             assert gw.stop() == 0
 
 
-SHARED_SOCKET_BUG = (
-    "gateway bug, proxy/sockio.py close() (line 81: sock.shutdown(SHUT_RDWR)), called on the LISTENING socket "
-    "by proxy/server.py Server.serve() (line 67) when a worker drains: the socket is shared by every worker and "
-    "shutdown() acts on the socket, not the descriptor, so it stops listening for all of them (and resets "
-    "the connections queued on it). The other workers' accept() (server.py _accept_loop) then fails with "
-    "EINVAL, which escapes the accept loop: they crash (exit 1) and so does every replacement, since the "
-    "inherited socket no longer listens -- the port is dead until the supervisor restarts. close() alone "
-    "would do; only the last descriptor's close ends listening."
-)
-
-
-@pytest.mark.xfail(strict=True, reason=SHARED_SOCKET_BUG)
 def test_one_worker_stopped_gracefully_leaves_the_port_serving(tmp_path):
     with sim(tmp_path) as up:
         cfg = write_config(tmp_path, up.url)
