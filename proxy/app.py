@@ -18,6 +18,7 @@ import trio
 
 from proxy import errors, logs
 from proxy.config import Config
+from proxy.connection import run_sweeper
 from proxy.handlers import dispatch
 from proxy.keys import KeyStore
 from proxy.ratelimit_shared import open_limiter
@@ -205,6 +206,7 @@ async def run_gateway(config: Config, *, gateway: Gateway | None = None, sock=No
                 gw.metrics.register_stats_source("usage", gw.usage.statistics)
             services.start_soon(gw.metrics.run)
             services.start_soon(logs.run_flusher)
+            services.start_soon(run_sweeper, gw.connections)
             for waker in gw.start_wakers():
                 await services.start(waker.run)  # describes the instances first: restart-safe
             gw._services = services

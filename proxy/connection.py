@@ -12,9 +12,11 @@ read. When the scope fires, `phase` says what timed out: idle -> close quietly; 
 Errors are sent only while h11's state still allows a response (`error_status_hint` gives the status
 for protocol errors: 400 garbage, 431 head too large). A failed write calls `send_failed()`.
 
-`watch()` runs a coroutine while a sibling task waits for the client's EOF, so a client that vanishes
-while the gateway waits on the upstream cancels that work at once; bytes that arrive instead (a
-pipelined request) are handed to h11 for the next cycle.
+A client that vanishes while its request is in flight (waiting for the upstream's first byte, or in
+the middle of a stream) is noticed by `sweep_vanished()`, run every CLIENT_CHECK_S by one task per
+process: it peeks each connection that has been busy for a while, and cancels the connection's scope
+on EOF -- which closes the upstream connection and so cancels vLLM's work. No per-request task or
+syscall: a request that ends quickly costs nothing here.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ class ClientGone(Exception):
 
 class Downstream:
     __slots__ = ("sock", "conn", "gw", "client", "client_gone", "limits", "scope", "phase", "started",
-                 "chunked", "keep_alive", "head_only", "http11")
+                 "chunked", "keep_alive", "head_only", "http11", "busy_since")
 
     def __init__(self, sock: socket.socket, gw, client: str) -> None:
         self.sock = sock
@@ -58,6 +60,7 @@ class Downstream:
         self.keep_alive = True    # current request allows another on this connection
         self.head_only = False    # HEAD request: no body bytes
         self.http11 = True
+        self.busy_since = 0.0
 
     def _enter(self, phase: str, seconds: float) -> None:
         self.phase = phase
@@ -90,6 +93,7 @@ class Downstream:
                 if size > limits.max_head_bytes:
                     raise h11.RemoteProtocolError("request head too large", error_status_hint=431)
                 self.phase = BUSY
+                self.busy_since = trio.current_time()
                 self.scope.deadline = math.inf
                 self.started = False
                 self.http11 = event.http_version == b"1.1"
@@ -212,28 +216,34 @@ class Downstream:
         self.started = False
         return True
 
-    # -- client presence -----------------------------------------------------------------------
-    async def _watch_eof(self, cancel_scope: trio.CancelScope) -> None:
-        data = await sockio.recv(self.sock)
-        if data:
-            self.conn.receive_data(data)  # pipelined: kept for the next cycle
-            return
-        self.client_gone = True
-        cancel_scope.cancel()
+CLIENT_CHECK_S = 0.25
 
-    async def watch(self, fn, *args):
-        """Run `fn(*args)`; cancel it if the client disconnects meanwhile (then raise ClientGone).
-        `fn` handles its own errors (it must leave nothing but Cancelled to propagate)."""
-        result = None
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._watch_eof, nursery.cancel_scope)
-            try:
-                result = await fn(*args)
-            finally:
-                nursery.cancel_scope.cancel()
-        if self.client_gone:
-            raise ClientGone()
-        return result
+
+def sweep_vanished(connections, now: float) -> int:
+    """Cancel the requests of clients that have hung up. Checks only connections busy for at least
+    CLIENT_CHECK_S (a peek: EOF means gone; bytes mean a pipelined request, left alone)."""
+    gone = 0
+    for ds in list(connections):
+        if ds.phase is not BUSY or now - ds.busy_since < CLIENT_CHECK_S or ds.client_gone:
+            continue
+        try:
+            peeked = ds.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            continue
+        except OSError:
+            peeked = b""
+        if not peeked:
+            ds.client_gone = True
+            ds.scope.cancel()
+            gone += 1
+    return gone
+
+
+async def run_sweeper(connections) -> None:
+    """One task per process: see sweep_vanished."""
+    while True:
+        await trio.sleep(CLIENT_CHECK_S)
+        sweep_vanished(connections, trio.current_time())
 
 
 def _skip_buffered_body(conn: h11.Connection) -> None:

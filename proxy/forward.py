@@ -32,8 +32,6 @@ _DROP_REQUEST = frozenset((
     b"authorization", b"expect",
 ))
 _JSON_TYPES = (b"application/json",)
-# A first byte slower than this starts watching the client for a disconnect (fast answers skip it).
-QUICK_S = 0.25
 
 
 def _connection_tokens(value: bytes) -> set[bytes]:
@@ -101,17 +99,12 @@ async def forward_inference(gw, ds: Downstream, ex: Exchange, request, key, rest
     if key is not None and not key.allows_tier(tier.name):
         raise errors.permission_denied(f"This API key may not use tier '{tier.name}' (model '{view.model}').")
     extra_headers, body, tap = gw.admit(ex, key, view, body)
-    if view.stream or (tier.waker is not None and not tier.waker.is_ready()):
-        # Long exchanges: watch the client the whole time (cost amortised over the stream / wait).
-        await ds.watch(_exchange, gw, ds, ex, tier, request, body, extra_headers, tap, True)
-    else:
-        # Short exchanges: the client is watched only if the first byte is slow (open_upstream).
-        await _exchange(gw, ds, ex, tier, request, body, extra_headers, tap, False)
+    await _exchange(gw, ds, ex, tier, request, body, extra_headers, tap)
 
 
-async def _exchange(gw, ds: Downstream, ex: Exchange, tier, request, body: bytes, extra_headers, tap,
-                    watched: bool) -> None:
-    """Runs under Downstream.watch: handles its own errors, leaves only Cancelled to propagate.
+async def _exchange(gw, ds: Downstream, ex: Exchange, tier, request, body: bytes, extra_headers, tap) -> None:
+    """Handles its own errors, leaves only Cancelled (a vanished client: connection.sweep_vanished)
+    to propagate.
     With a waker: wait while the tier sleeps; a tier that refuses every connection is reported to the
     waker and waited for again, all within the request's one hard cap."""
     waker = tier.waker
@@ -120,7 +113,7 @@ async def _exchange(gw, ds: Downstream, ex: Exchange, tier, request, body: bytes
             if waker is not None and not waker.is_ready():
                 tier = await wait_for_tier(gw, ds, ex, tier, stream=ex.stream, extra_headers=extra_headers)
             try:
-                conn, response = await open_upstream(gw, ds, ex, tier, request, body, watched)
+                conn, response = await open_upstream(gw, ex, tier, request, body)
                 break
             except errors.ApiError as err:
                 # Every upstream refused (each was reported to the waker as it failed): the tier went
@@ -155,17 +148,8 @@ async def _send_error_quietly(ds: Downstream, err, ex: Exchange) -> None:
         pass
 
 
-async def _slow_first_event(ds: Downstream, conn, seconds: float, watched: bool):
-    with trio.fail_after(seconds):
-        if watched:
-            return await conn.read_head()
-        return await ds.watch(conn.read_head)  # ClientGone if the client leaves meanwhile
-
-
-async def open_upstream(gw, ds: Downstream, ex: Exchange, tier, request, body: bytes, watched: bool):
-    """Send the request to an upstream of `tier`; return (connection, response head event).
-    Unless the caller already watches the client, a first byte slower than QUICK_S starts watching
-    it, so a vanished client cancels the upstream request within about QUICK_S + one RTT."""
+async def open_upstream(gw, ex: Exchange, tier, request, body: bytes):
+    """Send the request to an upstream of `tier`; return (connection, response head)."""
     cfg = gw.runtime.config.upstream
     pool = gw.pool
     target = request.target
@@ -187,11 +171,10 @@ async def open_upstream(gw, ds: Downstream, ex: Exchange, tier, request, body: b
             try:
                 ex.t_upstream = time.perf_counter()
                 await conn.send_request(head, body)
-                quick_s = min(QUICK_S, cfg.first_byte_s)
-                with trio.CancelScope(deadline=trio.current_time() + quick_s) as quick:
+                with trio.CancelScope(deadline=trio.current_time() + cfg.first_byte_s) as first_byte:
                     event = await conn.read_head()
-                if quick.cancelled_caught:
-                    event = await _slow_first_event(ds, conn, cfg.first_byte_s - quick_s, watched)
+                if first_byte.cancelled_caught:
+                    raise trio.TooSlowError
             except UpstreamClosed:
                 pool.discard(conn)
                 if reused:
