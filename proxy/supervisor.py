@@ -108,15 +108,21 @@ def run_supervisor(config: Config, config_path: str) -> int:
         if proc.poll() is None:
             proc.send_signal(sig)
     deadline = time.monotonic() + config.server.drain_s + 10.0
-    for proc in workers.values():
+    failed = []
+    for i, proc in workers.items():
         try:
-            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            code = proc.wait(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             proc.kill()
-            proc.wait()
+            code = proc.wait()
+            logs.event("worker_killed", level="error", index=i, pid=proc.pid, reason="drain took too long")
+        if code != 0:
+            failed.append((i, proc.pid, code))
     os.unlink(ratelimit_table)
-    logs.event("supervisor_stopped")
-    return 0
+    for i, pid, code in failed:
+        logs.event("worker_failed_on_stop", level="error", index=i, pid=pid, code=code)
+    logs.event("supervisor_stopped", clean=not failed)
+    return 1 if failed else 0
 
 
 def worker_main(argv: list[str]) -> int:
