@@ -9,8 +9,8 @@ measures what ships and imports nothing from proxy/, ops/ or backends/. Rules:
   failed start is reported with the tail of its log. nginx cannot report a port, so we pick free
   ports, render loadtest/nginx.conf, and wait until every port accepts a connection.
 - Every child runs in its own session (one process group per child, so `stop()` reaches the
-  gateway's worker processes too) with PR_SET_PDEATHSIG, so a harness killed with SIGKILL does not
-  leave orphans behind. `stop()` is SIGTERM to the group, a bounded wait, then SIGKILL.
+  gateway's worker processes too) with PR_SET_PDEATHSIG=SIGTERM, so a harness killed with SIGKILL
+  does not leave orphans behind (the children shut their own workers down). `stop()` is SIGTERM to the group, a bounded wait, then SIGKILL.
 - CPU time and memory are read from /proc for the process and all its descendants: schedstat gives
   nanoseconds per thread (ticks from /proc/PID/stat are 10 ms, too coarse for short slices).
 - Which program is "spotinference" is `$SPOTINFERENCE_CMD` (shell words) if set, else
@@ -54,10 +54,11 @@ def spotinference_cmd() -> list[str]:
 
 
 def _child_setup() -> None:
-    # Runs in the child between fork and exec: die with the harness even if it is SIGKILLed.
+    # Runs in the child between fork and exec: stop with the harness even if it is SIGKILLed. SIGTERM,
+    # not SIGKILL, so that nginx's master and the gateway's supervisor take their workers down too.
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
 @dataclass
