@@ -264,3 +264,17 @@ def test_inject_fast_path_does_not_revalidate() -> None:
 def test_injected_bodies_decode_with_msgspec() -> None:
     for body in (b'{"model":"m","stream":true}', b'{"model":"m","stream":true,"stream_options":{}}'):
         assert msgspec.json.decode(inject_include_usage(body))["stream_options"]["include_usage"] is True
+
+
+def test_fast_object_end_agrees_with_the_character_walk():
+    """The brace-jumping scanner must find the same end as the careful walk on any input."""
+    import random
+
+    from proxy.usage_tap import _object_end, _object_end_slow
+
+    rnd = random.Random(7)
+    alphabet = b'{}":,\\ab1 '
+    cases = [b'{"a":"}{","b":{"c":"{"}}z', b'{"a":"\\"}","b":1}', b'{"a":{', b"{}", b'{"a":"x}"}']
+    cases += [b"{" + bytes(rnd.choice(alphabet) for _ in range(rnd.randint(0, 14))) for _ in range(5000)]
+    for case in cases:
+        assert _object_end(case, 0) == _object_end_slow(case, 0), case
