@@ -9,6 +9,7 @@ with requests and no failures, including the separate "chat stream TTFB" metric.
 from __future__ import annotations
 
 import csv
+import importlib.util
 import os
 import signal
 import subprocess
@@ -19,7 +20,10 @@ import pytest
 
 from loadtest import procs
 
-pytest.importorskip("locust")
+# Never import locust here: it monkey-patches the whole process with gevent (ssl included), which
+# breaks every test that runs after it. It runs in its own subprocess below.
+if importlib.util.find_spec("locust") is None:
+    pytest.skip("locust is not installed", allow_module_level=True)
 
 LOCUSTFILE = Path(__file__).resolve().parents[2] / "loadtest" / "locustfile.py"
 NAMES = ("chat", "chat stream", "chat stream TTFB", "embeddings")
