@@ -107,6 +107,17 @@ class FleetSimulator:
                 if host.reserved is not None:
                     host.reserved.close()
 
+    def kill(self, instance_id: str) -> None:
+        """The host dies now (a spot interruption reaching its deadline), whatever EC2 says next.
+        The emulator changes state instantly, so a stop followed at once by a start can fall between
+        two polls; a test that stops an instance calls this too, as the real host would go down.
+        The next poll that sees the instance running boots a fresh host."""
+        host = self._hosts.get(instance_id)
+        if host is not None and host.scope is not None:
+            host.scope.cancel()
+            host.scope = None
+            self.events.append(FleetEvent(trio.current_time(), instance_id, "down", host.url))
+
     async def _reconcile(self, nursery: trio.Nursery) -> None:
         try:
             instances = await trio.to_thread.run_sync(self._ec2.describe_all, limiter=self._limiter)
