@@ -125,6 +125,20 @@ def run_supervisor(config: Config, config_path: str) -> int:
     return 1 if failed else 0
 
 
+def _die_with_parent() -> None:
+    """Linux: SIGTERM this worker (it drains) if the supervisor dies, even by SIGKILL; no orphans."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the supervisor died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def worker_main(argv: list[str]) -> int:
     """Entry of one worker process (`python -m proxy _worker ...`)."""
     import argparse
@@ -141,6 +155,7 @@ def worker_main(argv: list[str]) -> int:
     p.add_argument("--workers", type=int, required=True)
     p.add_argument("--index", type=int, required=True)
     args = p.parse_args(argv)
+    _die_with_parent()
     config = load(args.config)
     logs.configure(config.log.level, config.log.access)
     sock = socket.socket(fileno=args.fd)
