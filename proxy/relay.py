@@ -15,6 +15,7 @@ client that ignores error events sees a truncated stream -- never an invented `d
 
 from __future__ import annotations
 
+import math
 import time
 
 import msgspec
@@ -30,6 +31,7 @@ _DROP_RESPONSE = frozenset((
     b"upgrade", b"proxy-authenticate", b"cache-control", b"x-accel-buffering", b"content-length",
 ))
 _SSE_HEADERS = ((b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no"))
+REARM_S = 0.5
 _EVENT_STREAM = b"text/event-stream"
 
 
@@ -143,11 +145,18 @@ async def relay_response(gw, ds: Downstream, ex: Exchange, tier, conn, response,
             # One scope for the rest of the relay, only when we must wait; its deadline moves before
             # each upstream read (between_chunks_s). A client that stops reading is bounded by write_s.
             with trio.CancelScope() as silence:
+                armed_at = -math.inf
+                rearm_s = min(REARM_S, between_s / 4)
                 while not complete:
                     if out:
                         await ds.send_raw(out)
                         out = b""
-                    silence.deadline = trio.current_time() + between_s
+                    # Re-arm at most every rearm_s: the limit is then between between_s - rearm_s
+                    # and between_s, and a stream of many events pays for few deadline changes.
+                    now = trio.current_time()
+                    if now - armed_at > rearm_s:
+                        silence.deadline = now + between_s
+                        armed_at = now
                     await conn.receive()
                     more, complete = _take(conn, tap, frame)
                     out += more
