@@ -140,3 +140,12 @@ async def test_stale_keepalive_connection_is_retried_transparently(nursery, paus
         assert stats.stale_closed_total == 2
     else:
         assert stats.connects_total == 3 and stats.reuses_total == 2  # each reuse failed, then retried
+
+
+async def test_a_stream_longer_than_between_chunks_is_fine_while_events_keep_coming(nursery):
+    sim, url = await start_sim(nursery, tokens_per_s=25)  # 40 ms gaps, 40 tokens: 1.6 s in all
+    gw = await start_gateway(nursery, make_config([url], upstream={"between_chunks_s": 0.3}))
+    with trio.fail_after(10):
+        raw = await raw_request(gw.port, post(STREAM, extra=b"Connection: close\r\n"))
+    status, _, body = split_response(raw)
+    assert status == 200 and b"data: [DONE]" in body and b'"error"' not in body
