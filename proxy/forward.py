@@ -57,35 +57,25 @@ def upstream_headers(request_headers, tier, address: tuple[str, int], request_id
     return out
 
 
-def _check_framing(request, limit: int) -> None:
-    content_length = None
-    chunked = False
-    content_type = None
-    for name, value in request.headers:
-        if name == b"content-length":
-            content_length = int(value)  # h11 validated it
-        elif name == b"transfer-encoding":
-            chunked = True
-        elif name == b"content-type":
-            content_type = value
-    if content_length is not None and chunked:
-        # RFC 9112 6.3: a request smuggling vector; refuse and close.
-        raise errors.invalid_request("Content-Length and Transfer-Encoding must not both be set.",
-                                     code="bad_framing")
-    if content_length is not None and content_length > limit:
+def _check_declared(request, limit: int) -> None:
+    """Refuse before reading the body: a declared length past the limit, a non-JSON content type.
+    (Framing itself -- Content-Length with Transfer-Encoding included -- is the parser's: 400.)"""
+    if request.content_length is not None and request.content_length > limit:
         raise errors.body_too_large(limit)
-    if content_type is not None:
-        mime = content_type.split(b";", 1)[0].strip().lower()
-        if mime not in _JSON_TYPES:
-            raise errors.invalid_request(
-                f"Unsupported Content-Type {mime.decode('latin-1')!r}: send application/json.",
-                code="unsupported_content_type")
+    for name, value in request.headers:
+        if name == b"content-type":
+            mime = value.split(b";", 1)[0].strip().lower()
+            if mime not in _JSON_TYPES:
+                raise errors.invalid_request(
+                    f"Unsupported Content-Type {mime.decode('latin-1')!r}: send application/json.",
+                    code="unsupported_content_type")
+            return
 
 
 async def forward_inference(gw, ds: Downstream, ex: Exchange, request, key, rest: bytes) -> None:
     limit = ds.limits.max_body_bytes
-    _check_framing(request, limit)
-    body = await ds.read_body(limit)
+    _check_declared(request, limit)
+    body = await ds.read_body(limit, request)
     target = request.target
     q = target.find(b"?")
     path = target if q < 0 else target[:q]

@@ -50,7 +50,7 @@ async def test_content_length_and_transfer_encoding_together_is_400(nursery):
     with trio.fail_after(5):
         raw = await raw_request(gw.port, req)
     status, headers, body = split_response(raw)
-    assert status == 400 and error_of(body)["code"] == "bad_framing"
+    assert status == 400 and error_of(body)["type"] == "invalid_request_error"
     assert headers["connection"] == "close"
 
 
@@ -219,3 +219,28 @@ async def test_models_answered_from_config_when_upstream_down(nursery):
     listing = msgspec.json.decode(body)
     assert listing["object"] == "list"
     assert {m["id"] for m in listing["data"]} == {"sim-chat", "sim-embed"}
+
+
+async def test_unsupported_transfer_coding_501_and_http_version_505(nursery):
+    gw = await start_gateway(nursery, make_config([dead_upstream()]))
+    with trio.fail_after(5):
+        raw = await raw_request(gw.port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                                         b"Transfer-Encoding: gzip\r\n\r\n")
+        status, headers, body = split_response(raw)
+        assert status == 501 and headers["connection"] == "close"
+        assert error_of(body)["type"] == "invalid_request_error"
+        raw = await raw_request(gw.port, b"GET /healthz HTTP/2.0\r\nHost: x\r\n\r\n")
+        assert split_response(raw)[0] == 505
+
+
+async def test_http10_client_gets_a_close_delimited_stream(nursery):
+    sim, url = await start_sim(nursery)
+    gw = await start_gateway(nursery, make_config([url]))
+    body = b'{"model": "sim-chat", "stream": true, "max_tokens": 3, "messages": [{"role": "user", "content": "x"}]}'
+    req = (b"POST /v1/chat/completions HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: "
+           + str(len(body)).encode() + b"\r\n\r\n" + body)
+    with trio.fail_after(10):
+        raw = await raw_request(gw.port, req)
+    status, headers, got = split_response(raw)
+    assert status == 200 and "transfer-encoding" not in headers and headers["connection"] == "close"
+    assert got.endswith(b"data: [DONE]\n\n")  # raw SSE bytes, no chunk framing
