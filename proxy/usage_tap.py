@@ -334,7 +334,10 @@ def _braces_in_strings(buf: bytes, start: int, end: int) -> bool:
     # Quoted spans of vLLM's usage object are field names; a brace inside one (or an unbalanced
     # quote) needs the slow walk.
     parts = buf[start:end].split(b'"')
-    return len(parts) % 2 == 0 or any(b"{" in p or b"}" in p for p in parts[1::2])
+    if len(parts) % 2 == 0:
+        return True
+    quoted = b"".join(parts[1::2])
+    return b"{" in quoted or b"}" in quoted
 
 
 def _object_end_slow(buf: bytes, start: int) -> int:
