@@ -26,9 +26,8 @@ hand -- but clients are untrusted, so it is strict first and fast second; anythi
 - keep_alive: HTTP/1.1 unless `Connection: close`; HTTP/1.0 only with `Connection: keep-alive`
   (tokens, case-insensitive). expect_continue: an HTTP/1.1 `Expect` listing `100-continue`
   (case-insensitive, as h11; HTTP/1.0 expectations are ignored, RFC 9110 10.1.1).
-- Chunked bodies: 1-16 hex digits (<= 2**63), then `;ext` (no control bytes but HTAB) or OWS
-  (as h11: no whitespace before `;`), the line <= 1 KiB; CRLF after each chunk's data; trailers
-  validated as field lines, bounded by max_head_bytes (431), and dropped.
+- Chunked bodies: proxy/chunked.py (shared with the upstream reader); trailers bounded by
+  max_head_bytes (431).
 Deliberate differences from h11 (0.16), all refusals of what h11 accepts except the first two:
 empty lines before a request line are skipped (h11: 400 "no request line received"); HTTP/1.0
 keep-alive is honoured (h11 always closes 1.0); bare LF line endings (h11 accepts), obs-fold (h11
@@ -43,24 +42,19 @@ from __future__ import annotations
 
 import re
 
-MAX_CHUNK_LINE = 1024
-MAX_CHUNK_SIZE = 2 ** 63
+from proxy.chunked import FIELD_OK as _FIELD_OK
+from proxy.chunked import ChunkedDecoder, ChunkError
 
 _TCHAR = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 _TCHAR_SET = frozenset(_TCHAR)
-_HEX = b"0123456789abcdefABCDEF"
-_HEX_SET = frozenset(_HEX)
 _VCHAR = bytes(range(0x21, 0x7F))
-# Bytes allowed anywhere in a head line (and a chunk extension): HTAB, SP, VCHAR, obs-text.
-_FIELD_OK = b"\t" + bytes(range(0x20, 0x7F)) + bytes(range(0x80, 0x100))
 # A CRLF in a head not followed by `token:` -- obs-fold, no colon, whitespace before the colon.
 _BAD_FIELD_START = re.compile(rb"\r\n(?![-!#$%&'*+.^_`|~0-9A-Za-z]+:)")
-_FIELD_LINE = re.compile(rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*")
 _HTTP_VERSION = re.compile(rb"HTTP/[0-9]\.[0-9]")
 _FRAMING = frozenset((b"host", b"content-length", b"transfer-encoding", b"connection", b"expect"))
 
 # reader states
-_HEAD, _CL, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_CRLF, _TRAILERS, _DONE = range(7)
+_HEAD, _CL, _CHUNKED, _DONE = range(4)
 
 
 class ProtocolError(Exception):
@@ -220,7 +214,7 @@ class RequestReader:
     feed() bytes (b"" = EOF); next_head() until a head; read_body() until b""; next_request().
     After a ProtocolError the connection is unusable: answer `status` and close."""
 
-    __slots__ = ("_buf", "_eof", "_lf_scan", "_line_checked", "_remaining", "_scan", "_skipped", "_state",
+    __slots__ = ("_buf", "_chunked", "_eof", "_lf_scan", "_line_checked", "_remaining", "_scan", "_skipped", "_state",
                  "body_complete", "max_head_bytes", "max_headers")
 
     def __init__(self, max_head_bytes: int = 32768, max_headers: int = 100) -> None:
@@ -230,7 +224,8 @@ class RequestReader:
         self._buf = bytearray()
         self._state = _HEAD
         self._eof = False
-        self._remaining = 0       # Content-Length left, or the current chunk's bytes left
+        self._remaining = 0       # Content-Length left
+        self._chunked: ChunkedDecoder | None = None
         self._scan = 0            # where the next search for a line/head end starts
         self._lf_scan = 0         # incomplete head: LFs before this offset are checked
         self._line_checked = False
@@ -283,7 +278,8 @@ class RequestReader:
         self._scan = self._lf_scan = self._skipped = 0
         self._line_checked = False
         if head.chunked:
-            self._state = _CHUNK_SIZE
+            self._state = _CHUNKED
+            self._chunked = ChunkedDecoder(self.max_head_bytes)
             self.body_complete = False
         elif head.content_length:
             self._state = _CL
@@ -357,92 +353,11 @@ class RequestReader:
             return b""
         if state == _HEAD:
             raise RuntimeError("read_body() without a request head")
-        return self._read_chunked()
-
-    def _read_chunked(self) -> bytes | None:
-        buf = self._buf
-        out: list[bytes] = []
-        while buf:
-            state = self._state
-            if state == _CHUNK_DATA:
-                size = len(buf)
-                remaining = self._remaining
-                if size <= remaining:
-                    out.append(bytes(buf))
-                    buf.clear()
-                else:
-                    out.append(bytes(buf[:remaining]))
-                    del buf[:remaining]
-                    size = remaining
-                self._remaining = remaining = remaining - size
-                if not remaining:
-                    self._state = _CHUNK_CRLF
-            elif state == _CHUNK_SIZE:
-                if buf[0] not in _HEX_SET:
-                    raise _bad("bad chunk size")
-                nl = buf.find(b"\r\n", self._scan)
-                if nl < 0:
-                    if len(buf) > MAX_CHUNK_LINE + 1:  # + a CR whose LF may come next
-                        raise _bad("chunk size line too long")
-                    self._scan = len(buf) - 1
-                    break
-                if nl > MAX_CHUNK_LINE:
-                    raise _bad("chunk size line too long")
-                self._chunk_size(bytes(buf[:nl]))
-                del buf[:nl + 2]
-                self._scan = 0
-            elif state == _CHUNK_CRLF:
-                if buf[0] != 13 or (len(buf) > 1 and buf[1] != 10):
-                    raise _bad("missing CRLF after chunk data")
-                if len(buf) < 2:
-                    break
-                del buf[:2]
-                self._state = _CHUNK_SIZE
-            elif state == _TRAILERS:
-                nl = buf.find(b"\r\n", self._scan)
-                if nl < 0:
-                    if self._skipped + len(buf) >= self.max_head_bytes:
-                        raise ProtocolError(431, "trailers too large")
-                    self._scan = len(buf) - 1
-                    break
-                if nl == 0:
-                    del buf[:2]
-                    self._state = _DONE
-                    self.body_complete = True
-                    break
-                if _FIELD_LINE.fullmatch(buf, 0, nl) is None:
-                    raise _bad("malformed trailer line")
-                self._skipped += nl + 2
-                if self._skipped >= self.max_head_bytes:
-                    raise ProtocolError(431, "trailers too large")
-                del buf[:nl + 2]
-                self._scan = 0
-            else:
-                break
-        if out:
-            return out[0] if len(out) == 1 else b"".join(out)
-        if self.body_complete:
-            return b""
-        if self._eof:
-            raise _bad("connection closed mid-body")
-        return None
-
-    def _chunk_size(self, line: bytes) -> None:
-        semi = line.find(b";")
-        if semi >= 0:
-            if line.translate(None, _FIELD_OK):
-                raise _bad("control character in chunk extension")
-            size_text = line[:semi]  # no BWS before `;` (as h11; RFC 9112 would allow it)
-        else:
-            size_text = line.rstrip(b" \t")  # trailing OWS, as h11
-        if len(size_text) > 16 or size_text.translate(None, _HEX):
-            raise _bad("bad chunk size")
-        size = int(size_text, 16)
-        if size > MAX_CHUNK_SIZE:
-            raise _bad("chunk size too large")
-        if size:
-            self._remaining = size
-            self._state = _CHUNK_DATA
-        else:
-            self._state = _TRAILERS
-            self._skipped = 0
+        try:
+            data = self._chunked.read(self._buf, self._eof)
+        except ChunkError as exc:
+            raise ProtocolError(exc.status, exc.message) from None
+        if self._chunked.complete:
+            self._state = _DONE
+            self.body_complete = True
+        return data

@@ -8,7 +8,7 @@ limits, because a broken upstream must become a clean 502, never a hang or a con
 - body framing per RFC 9112 6.3: no body for 1xx/204/304 (and HEAD, which we never send);
   `Transfer-Encoding: chunked` (must be the final coding); else `Content-Length` (one valid value);
   else read until close (never reusable);
-- chunked bodies: hex sizes with optional extensions, CRLF after each chunk, trailers skipped;
+- chunked bodies: proxy/chunked.py, the same strict decoder as the request side;
 - keep-alive unless `Connection: close` or HTTP/1.0 without `keep-alive`.
 Anything else raises `ProtocolError`. The reader never blocks: `feed()` bytes in, pull what is
 complete out; the caller owns the socket and the timeouts.
@@ -16,8 +16,9 @@ complete out; the caller owns the socket and the timeouts.
 
 from __future__ import annotations
 
+from proxy.chunked import ChunkedDecoder, ChunkError
+
 MAX_HEAD = 65536
-MAX_CHUNK_LINE = 4096
 
 
 class ProtocolError(Exception):
@@ -25,7 +26,7 @@ class ProtocolError(Exception):
 
 
 class ResponseHead:
-    __slots__ = ("status", "reason", "headers", "content_length", "chunked", "keep_alive", "http_version")
+    __slots__ = ("chunked", "content_length", "headers", "http_version", "keep_alive", "reason", "status")
 
     def __init__(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]],
                  content_length: int | None, chunked: bool, keep_alive: bool, http_version: bytes) -> None:
@@ -84,16 +85,16 @@ def parse_head(block: bytes) -> ResponseHead:
 class ResponseReader:
     """Incremental reader of one response at a time on a keep-alive connection."""
 
-    __slots__ = ("buf", "head", "_remaining", "_chunk_left", "_state", "eof", "complete")
+    __slots__ = ("_chunked", "_remaining", "_state", "buf", "complete", "eof", "head")
 
     # body states
-    _CL, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_CRLF, _TRAILERS, _UNTIL_CLOSE, _DONE = range(7)
+    _CL, _CHUNKED, _UNTIL_CLOSE, _DONE = range(4)
 
     def __init__(self) -> None:
         self.buf = bytearray()
         self.head: ResponseHead | None = None
         self._remaining = 0
-        self._chunk_left = 0
+        self._chunked: ChunkedDecoder | None = None
         self._state = self._DONE
         self.eof = False
         self.complete = False
@@ -126,7 +127,8 @@ class ResponseReader:
                 continue  # informational: skip
             self.head = head
             if head.chunked:
-                self._state = self._CHUNK_SIZE
+                self._state = self._CHUNKED
+                self._chunked = ChunkedDecoder(MAX_HEAD)
             elif head.content_length is not None:
                 self._remaining = head.content_length
                 self._state = self._CL
@@ -171,62 +173,11 @@ class ResponseReader:
         return self._read_chunked()
 
     def _read_chunked(self) -> bytes | None:
-        buf = self.buf
-        out: list[bytes] = []
-        while True:
-            state = self._state
-            if state == self._CHUNK_SIZE:
-                nl = buf.find(b"\r\n")
-                if nl < 0:
-                    if len(buf) > MAX_CHUNK_LINE:
-                        raise ProtocolError("chunk size line too long")
-                    break
-                line = bytes(buf[:nl]).split(b";", 1)[0].strip()
-                try:
-                    size = int(line, 16)
-                except ValueError:
-                    raise ProtocolError(f"bad chunk size {line[:20]!r}") from None
-                if size < 0:
-                    raise ProtocolError("bad chunk size")
-                del buf[:nl + 2]
-                if size == 0:
-                    self._state = self._TRAILERS
-                else:
-                    self._chunk_left = size
-                    self._state = self._CHUNK_DATA
-            elif state == self._CHUNK_DATA:
-                if not buf:
-                    break
-                n = min(len(buf), self._chunk_left)
-                out.append(bytes(buf[:n]))
-                del buf[:n]
-                self._chunk_left -= n
-                if self._chunk_left == 0:
-                    self._state = self._CHUNK_CRLF
-            elif state == self._CHUNK_CRLF:
-                if len(buf) < 2:
-                    break
-                if buf[:2] != b"\r\n":
-                    raise ProtocolError("missing CRLF after chunk")
-                del buf[:2]
-                self._state = self._CHUNK_SIZE
-            elif state == self._TRAILERS:
-                nl = buf.find(b"\r\n")
-                if nl < 0:
-                    if len(buf) > MAX_HEAD:
-                        raise ProtocolError("trailers too large")
-                    break
-                del buf[:nl + 2]
-                if nl == 0:
-                    self._state = self._DONE
-                    self.complete = True
-                    break
-            else:
-                break
-        if out:
-            return out[0] if len(out) == 1 else b"".join(out)
-        if self.complete:
-            return b""
-        if self.eof:
-            raise ProtocolError("connection closed mid-body")
-        return None
+        try:
+            data = self._chunked.read(self.buf, self.eof)
+        except ChunkError as exc:
+            raise ProtocolError(exc.message) from None
+        if self._chunked.complete:
+            self._state = self._DONE
+            self.complete = True
+        return data
