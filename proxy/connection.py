@@ -46,8 +46,22 @@ class ClientGone(Exception):
 
 
 class Downstream:
-    __slots__ = ("sock", "reader", "gw", "client", "client_gone", "limits", "scope", "phase", "started",
-                 "chunked", "keep_alive", "head_only", "http11", "busy_since")
+    __slots__ = (
+        "busy_since",
+        "chunked",
+        "client",
+        "client_gone",
+        "gw",
+        "head_only",
+        "http11",
+        "keep_alive",
+        "limits",
+        "phase",
+        "reader",
+        "scope",
+        "sock",
+        "started",
+    )
 
     def __init__(self, sock: socket.socket, gw, client: str) -> None:
         self.sock = sock

@@ -21,7 +21,7 @@ _encoder = msgspec.json.Encoder()
 class ApiError(Exception):
     """An error response in the OpenAI envelope."""
 
-    __slots__ = ("status", "message", "type", "param", "code", "headers")
+    __slots__ = ("code", "headers", "message", "param", "status", "type")
 
     def __init__(
         self,

@@ -32,10 +32,32 @@ def _request_id(headers) -> bytes:
 
 class Exchange:
     __slots__ = (
-        "gw", "client", "method", "request_id", "endpoint", "key", "model", "tier", "stream", "status",
-        "error_type", "t0", "ts", "t_upstream", "t_first_byte", "t_end", "upstream", "prompt_tokens",
-        "completion_tokens", "total_tokens", "estimated", "wake_ms", "sse_events", "charged_tokens",
-        "early_head", "_done",
+        "_done",
+        "charged_tokens",
+        "client",
+        "completion_tokens",
+        "early_head",
+        "endpoint",
+        "error_type",
+        "estimated",
+        "gw",
+        "key",
+        "method",
+        "model",
+        "prompt_tokens",
+        "request_id",
+        "sse_events",
+        "status",
+        "stream",
+        "t0",
+        "t_end",
+        "t_first_byte",
+        "t_upstream",
+        "tier",
+        "total_tokens",
+        "ts",
+        "upstream",
+        "wake_ms",
     )
 
     def __init__(self, gw, request, client: str) -> None:

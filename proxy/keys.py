@@ -134,7 +134,7 @@ def add(path: str | Path, name: str, *, rpm: int | None = None, tpm: int | None 
     if any(r.name == name for r in kf.keys):
         raise KeysError(f"a key named {name!r} already exists (revoke it or pick another name)")
     secret = SECRET_PREFIX + secrets.token_urlsafe(32)
-    now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
+    now = datetime.datetime.now(datetime.UTC).replace(microsecond=0).isoformat()
     kf.keys.append(KeyRecord(name=name, hash=digest(secret), prefix=secret[:10], rpm=rpm, tpm=tpm,
                              tiers=tiers, created=now))
     write(path, kf)

@@ -19,8 +19,8 @@ import socket
 
 import trio
 
-from proxy.config import ServerConfig, parse_listen
 from proxy import sockio
+from proxy.config import ServerConfig, parse_listen
 from proxy.connection import serve_connection
 
 BACKLOG = 4096

@@ -24,7 +24,7 @@ def _address(url: str) -> tuple[str, int]:
 
 
 class Tier:
-    __slots__ = ("name", "models", "urls", "pairs", "auth_header", "waker", "_rr", "config")
+    __slots__ = ("_rr", "auth_header", "config", "models", "name", "pairs", "urls", "waker")
 
     def __init__(self, config: TierConfig) -> None:
         self.config = config
@@ -53,7 +53,7 @@ class Tier:
 
 
 class Router:
-    __slots__ = ("tiers", "by_model", "model_created")
+    __slots__ = ("by_model", "model_created", "tiers")
 
     def __init__(self, config: Config, created: int) -> None:
         self.tiers = {t.name: Tier(t) for t in config.tiers}

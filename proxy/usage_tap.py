@@ -419,7 +419,7 @@ class BodyTail:
     """The tap for a non-streaming answer: passes bytes through untouched and keeps only the last
     `keep` bytes, where vLLM puts `usage` (after `choices`); `usage` is decoded once, at the end."""
 
-    __slots__ = ("_tail", "_keep", "usage", "events")
+    __slots__ = ("_keep", "_tail", "events", "usage")
     rewrites = False
 
     def __init__(self, keep: int = 4096) -> None:

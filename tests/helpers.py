@@ -11,7 +11,7 @@ import trio
 
 from backends.sim.server import SimOptions, SimServer
 from proxy.app import Gateway, build_runtime, run_gateway
-from proxy.config import Config, ServerConfig, TierConfig, UpstreamConfig, AuthConfig, validate
+from proxy.config import AuthConfig, Config, ServerConfig, TierConfig, UpstreamConfig, validate
 
 
 async def start_sim(nursery: trio.Nursery, **options) -> tuple[SimServer, str]:

@@ -48,7 +48,7 @@ def encode_request(method: bytes, target: bytes, headers: list[tuple[bytes, byte
 
 
 class UpstreamConnection:
-    __slots__ = ("address", "sock", "reader", "state", "got_response", "idle_since", "requests")
+    __slots__ = ("address", "got_response", "idle_since", "reader", "requests", "sock", "state")
 
     def __init__(self, address: tuple[str, int], sock: socket.socket) -> None:
         self.address = address

@@ -17,7 +17,7 @@ SPOT = [sys.executable, "-m", "proxy"]
 
 
 def run(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
-    return subprocess.run([*SPOT, *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([*SPOT, *args], capture_output=True, text=True, timeout=timeout, check=False)
 
 
 class Served:

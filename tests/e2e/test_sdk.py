@@ -44,7 +44,7 @@ async def open_gateway(nursery):
 
 
 async def test_chat_non_streaming(open_gateway):
-    sim, gw = open_gateway
+    _sim, gw = open_gateway
     with trio.fail_after(10):
         resp = await sdk(client(gw).chat.completions.create, model="sim-chat", max_tokens=5,
                          messages=[{"role": "user", "content": "Say hello."}])
@@ -55,7 +55,7 @@ async def test_chat_non_streaming(open_gateway):
 
 
 async def test_chat_streaming_with_usage(open_gateway):
-    sim, gw = open_gateway
+    _sim, gw = open_gateway
 
     def run():
         chunks = list(client(gw).chat.completions.create(
@@ -72,7 +72,7 @@ async def test_chat_streaming_with_usage(open_gateway):
 
 
 async def test_tool_calls_pass_through(open_gateway):
-    sim, gw = open_gateway
+    _sim, gw = open_gateway
     with trio.fail_after(10):
         resp = await sdk(client(gw).chat.completions.create, model="sim-chat", tools=TOOLS, tool_choice="required",
                          messages=[{"role": "user", "content": "Weather in Paris?"}])
@@ -84,7 +84,7 @@ async def test_tool_calls_pass_through(open_gateway):
 
 
 async def test_streamed_tool_call_fragments_reassemble(open_gateway):
-    sim, gw = open_gateway
+    _sim, gw = open_gateway
 
     def run():
         parts = {}
@@ -107,7 +107,7 @@ async def test_streamed_tool_call_fragments_reassemble(open_gateway):
 
 
 async def test_structured_output_json_schema(open_gateway):
-    sim, gw = open_gateway
+    _sim, gw = open_gateway
     schema = {"type": "object", "properties": {"answer": {"type": "string"}, "score": {"type": "number"}},
               "required": ["answer", "score"], "additionalProperties": False}
     with trio.fail_after(10):
@@ -120,7 +120,7 @@ async def test_structured_output_json_schema(open_gateway):
 
 
 async def test_completions_embeddings_and_models(open_gateway):
-    sim, gw = open_gateway
+    _sim, gw = open_gateway
     c = client(gw)
     with trio.fail_after(10):
         comp = await sdk(c.completions.create, model="sim-chat", prompt="Once upon", max_tokens=4)
@@ -134,7 +134,7 @@ async def test_completions_embeddings_and_models(open_gateway):
 
 
 async def test_sdk_error_classes(nursery, tmp_path):
-    sim, url = await start_sim(nursery, max_model_len=64)
+    _sim, url = await start_sim(nursery, max_model_len=64)
     keys_file = tmp_path / "keys.toml"
     good = keys.add(keys_file, "alice")
     narrow = keys.add(keys_file, "bob", tiers=["other"])

@@ -51,10 +51,10 @@ def test_relative_paths_resolve_against_the_config_folder(tmp_path):
     ("[[tiers]]\nname='a'\nupstreams=['http://h:1']\nmodels=['m']\ncolour='red'\n", "tiers[0].colour"),
     ("[[tiers]]\nname='a'\nupstreams=['ftp://h:1']\nmodels=['m']\n", "tiers[0].upstreams[0]"),
     ("[[tiers]]\nname='a'\nupstreams=[]\nmodels=['m']\n", "tiers[0].upstreams"),
-    ("[[tiers]]\nname='a'\nupstreams=['http://h:1']\nmodels=['m']\n"
-     "[[tiers]]\nname='b'\nupstreams=['http://h:2']\nmodels=['m']\n", "tiers[1].models[0]"),
-    ("[[tiers]]\nname='a'\nupstreams=['http://h:1']\nmodels=['m']\n[tiers.wake]\ninstance_ids=['i-1']\n"
-     "budget_s=600\nhard_cap_s=60\n", "tiers[0].wake.hard_cap_s"),
+    (("[[tiers]]\nname='a'\nupstreams=['http://h:1']\nmodels=['m']\n"
+     "[[tiers]]\nname='b'\nupstreams=['http://h:2']\nmodels=['m']\n"), "tiers[1].models[0]"),
+    (("[[tiers]]\nname='a'\nupstreams=['http://h:1']\nmodels=['m']\n[tiers.wake]\ninstance_ids=['i-1']\n"
+     "budget_s=600\nhard_cap_s=60\n"), "tiers[0].wake.hard_cap_s"),
     ("[[tiers]]\nname='a'\nupstreams=['http://h:1']\nmodels=['m']\n[tiers.wake]\ninstance_id=['i-1']\n",
      "tiers[0].wake.instance_id"),
     ("[[tiers]]\nupstreams=['http://h:1']\nmodels=['m']\n", "tiers[0].name"),

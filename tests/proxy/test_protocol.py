@@ -101,7 +101,7 @@ async def test_idle_keepalive_connection_is_closed_quietly(nursery):
 
 
 async def test_keepalive_and_pipelining(nursery):
-    sim, url = await start_sim(nursery)
+    _sim, url = await start_sim(nursery)
     gw = await start_gateway(nursery, make_config([url]))
     two = post(CHAT) + b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" + post(CHAT)
     with trio.fail_after(10):
@@ -234,7 +234,7 @@ async def test_unsupported_transfer_coding_501_and_http_version_505(nursery):
 
 
 async def test_http10_client_gets_a_close_delimited_stream(nursery):
-    sim, url = await start_sim(nursery)
+    _sim, url = await start_sim(nursery)
     gw = await start_gateway(nursery, make_config([url]))
     body = b'{"model": "sim-chat", "stream": true, "max_tokens": 3, "messages": [{"role": "user", "content": "x"}]}'
     req = (b"POST /v1/chat/completions HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: "

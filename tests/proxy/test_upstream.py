@@ -33,7 +33,7 @@ async def test_refused_upstream_is_skipped_for_the_next_one(nursery):
 
 
 async def test_first_byte_timeout_is_504(nursery):
-    sim, url = await start_sim(nursery, latency_ms=2000)
+    _sim, url = await start_sim(nursery, latency_ms=2000)
     gw = await start_gateway(nursery, make_config([url], upstream={"first_byte_s": 0.3}))
     with trio.fail_after(5):
         raw = await raw_request(gw.port, post(CHAT, extra=b"Connection: close\r\n"))
@@ -55,7 +55,7 @@ async def test_upstream_dying_mid_stream_ends_stream_with_inband_error_and_no_do
 
 
 async def test_between_chunks_timeout_ends_stream_with_inband_error(nursery):
-    sim, url = await start_sim(nursery, tokens_per_s=2)
+    _sim, url = await start_sim(nursery, tokens_per_s=2)
     gw = await start_gateway(nursery, make_config([url], upstream={"between_chunks_s": 0.2}))
     with trio.fail_after(5):
         raw = await raw_request(gw.port, post(STREAM))
@@ -143,7 +143,7 @@ async def test_stale_keepalive_connection_is_retried_transparently(nursery, paus
 
 
 async def test_a_stream_longer_than_between_chunks_is_fine_while_events_keep_coming(nursery):
-    sim, url = await start_sim(nursery, tokens_per_s=25)  # 40 ms gaps, 40 tokens: 1.6 s in all
+    _sim, url = await start_sim(nursery, tokens_per_s=25)  # 40 ms gaps, 40 tokens: 1.6 s in all
     gw = await start_gateway(nursery, make_config([url], upstream={"between_chunks_s": 0.3}))
     with trio.fail_after(10):
         raw = await raw_request(gw.port, post(STREAM, extra=b"Connection: close\r\n"))
