@@ -250,3 +250,28 @@ async def _in_thread(url: str) -> None:
             pass
 
     await trio.to_thread.run_sync(call, abandon_on_cancel=True)
+
+
+async def test_a_flood_of_waits_past_max_waiters_gets_503_with_retry_after(aws_url: str, tmp_path: Path) -> None:
+    """DESIGN's DoS list: waits on a sleeping tier are bounded; past the bound, 503 + Retry-After at once."""
+    with trio.fail_after(60):
+        async with cloud(aws_url, boot_delay_s=2.0) as c, served(
+                write_config(c, tmp_path / "g.toml", max_waiters=2, hard_cap_s=8.0, budget_s=6.0),
+                tmp_path / "gw.log") as url:
+            body = {"model": MODELS[0], "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}
+            results: list[httpx.Response] = []
+
+            async def one() -> None:
+                async with httpx.AsyncClient(timeout=30) as http:
+                    results.append(await http.post(f"{url}/v1/chat/completions", json=body))
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(2):
+                    nursery.start_soon(one)
+                await wait_for(lambda: c.tap.count("StartInstances") == 1)
+                await trio.sleep(0.3)  # both are waiting now
+                async with httpx.AsyncClient(timeout=5) as http:
+                    refused = await http.post(f"{url}/v1/chat/completions", json=body)
+            assert refused.status_code == 503
+            assert refused.json()["error"]["code"] == "overloaded" and int(refused.headers["retry-after"]) >= 1
+            assert sorted(r.status_code for r in results) == [200, 200]  # the two within the bound are served
