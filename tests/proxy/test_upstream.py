@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import socket
 
 import pytest
 import trio
@@ -149,3 +150,19 @@ async def test_a_stream_longer_than_between_chunks_is_fine_while_events_keep_com
         raw = await raw_request(gw.port, post(STREAM, extra=b"Connection: close\r\n"))
     status, _, body = split_response(raw)
     assert status == 200 and b"data: [DONE]" in body and b'"error"' not in body
+
+
+async def test_a_client_that_never_reads_is_dropped_after_write_s_and_upstream_cancelled(nursery):
+    sim, url = await start_sim(nursery, max_model_len=200_000)  # unpaced: fills the buffers at once
+    gw = await start_gateway(nursery, make_config([url], server={"write_s": 0.5}))
+    body = (b'{"model":"sim-chat","stream":true,"max_tokens":150000,'
+            b'"messages":[{"role":"user","content":"hi"}]}')
+    sock = trio.socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a tiny window, and we never read
+    with trio.fail_after(20):
+        await sock.connect(("127.0.0.1", gw.port))
+        await sock.send(post(body))
+        while sim.statistics().cancelled_total < 1:  # the gateway gave up on us and closed upstream
+            await trio.sleep(0.05)
+    sock.close()
+    assert sim.statistics().running == 0
