@@ -20,6 +20,7 @@ across workers.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -119,6 +120,7 @@ def run_supervisor(config: Config, config_path: str) -> int:
         if code != 0:
             failed.append((i, proc.pid, code))
     os.unlink(ratelimit_table)
+    shutil.rmtree(metrics_dir, ignore_errors=True)
     for i, pid, code in failed:
         logs.event("worker_failed_on_stop", level="error", index=i, pid=pid, code=code)
     logs.event("supervisor_stopped", clean=not failed)
