@@ -166,3 +166,30 @@ async def test_a_client_that_never_reads_is_dropped_after_write_s_and_upstream_c
             await trio.sleep(0.05)
     sock.close()
     assert sim.statistics().running == 0
+
+
+async def test_an_upstream_that_never_accepts_hits_the_connect_timeout(nursery):
+    """A listener whose accept queue is full drops SYNs: connect() hangs until upstream.connect_s."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    fillers = []
+    for _ in range(4):  # fill the accept queue; further SYNs are dropped by the kernel
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex(listener.getsockname())
+        fillers.append(s)
+    port = listener.getsockname()[1]
+    gw = await start_gateway(nursery, make_config([f"http://127.0.0.1:{port}"], upstream={"connect_s": 0.3}))
+    try:
+        with trio.fail_after(5):
+            started = trio.current_time()
+            raw = await raw_request(gw.port, post(CHAT, extra=b"Connection: close\r\n"))
+            waited = trio.current_time() - started
+        status, _, body = split_response(raw)
+        assert status == 503 and error_of(body)["code"] == "upstream_unavailable"
+        assert waited >= 0.3  # it waited for the connect timeout rather than failing on a refusal
+    finally:
+        for s in fillers:
+            s.close()
+        listener.close()
