@@ -11,6 +11,7 @@ through `task_status`, and serves until cancelled.
 from __future__ import annotations
 
 import functools
+import os
 import time
 from typing import NamedTuple
 
@@ -20,7 +21,7 @@ from proxy import errors, logs
 from proxy.config import Config
 from proxy.connection import run_sweeper
 from proxy.handlers import dispatch
-from proxy.keys import KeyStore
+from proxy.keys import KeysError, KeyStore
 from proxy.ratelimit_shared import open_limiter
 from proxy.tiers import Router
 from proxy.upstream.pool import Pool
@@ -37,6 +38,9 @@ class Runtime(NamedTuple):
 def build_runtime(config: Config, *, created: int | None = None) -> Runtime:
     """Load the keys file (if any) and build the router; raises ConfigError/KeysError."""
     if config.auth.keys_file:
+        if not os.path.exists(config.auth.keys_file):
+            raise KeysError(f"keys file {config.auth.keys_file} does not exist "
+                            "(create it with `spotinference keys add NAME --keys-file FILE`)")
         keys = KeyStore.from_file(config.auth.keys_file)
     else:
         keys = KeyStore(None, open=True)

@@ -135,9 +135,9 @@ def check_config_main(argv: list[str]) -> int:
         config = load(args.file)
         check_open_bind(config)
         if config.auth.keys_file:
-            from proxy.keys import read
+            from proxy.app import build_runtime
 
-            read(config.auth.keys_file)
+            build_runtime(config)  # the keys file must exist and parse
     except (ConfigError, KeysError) as exc:
         sys.stderr.write(f"{args.file}: {exc}\n")
         return 1

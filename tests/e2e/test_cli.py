@@ -116,3 +116,13 @@ def test_open_gateway_refuses_non_loopback_bind(tmp_path):
     assert result.returncode == 2 and "without API keys" in result.stderr
     result = run("serve", "--listen", "0.0.0.0:0", timeout=20)
     assert result.returncode == 2 and "without API keys" in result.stderr
+
+
+def test_a_configured_keys_file_that_does_not_exist_is_an_error(tmp_path):
+    cfg = tmp_path / "gw.toml"
+    cfg.write_text('[server]\nlisten = "127.0.0.1:0"\n[auth]\nkeys_file = "missing.toml"\n'
+                   '[[tiers]]\nname = "t"\nupstreams = ["http://127.0.0.1:9"]\nmodels = ["m"]\n')
+    checked = run("check-config", str(cfg))
+    assert checked.returncode != 0 and "does not exist" in checked.stderr
+    served = run("serve", "--config", str(cfg), timeout=20)
+    assert served.returncode == 2 and "does not exist" in served.stderr
