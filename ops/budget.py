@@ -83,7 +83,7 @@ def expected_wake_s(budget_s: float, last_wake_s: float | None) -> float:
     return last_wake_s if last_wake_s is not None and last_wake_s > 0 else budget_s
 
 
-def remaining_s(wake: Wake | None, now: float, *, budget_s: float, last_wake_s: float | None) -> float:
+def expected_left_s(wake: Wake | None, now: float, *, budget_s: float, last_wake_s: float | None) -> float:
     """Expected seconds until ready (0 when no wake is under way or it is overdue)."""
     if wake is None:
         return 0.0
@@ -94,7 +94,7 @@ def retry_after_s(wake: Wake | None, now: float, *, budget_s: float, hard_cap_s:
                   last_wake_s: float | None) -> int:
     """Retry-After for a caller turned away because too many are waiting: the expected rest of the wake,
     at least 1 s and at most the hard cap, in whole seconds (RFC 9110 section 10.2.3 delay-seconds)."""
-    rest = remaining_s(wake, now, budget_s=budget_s, last_wake_s=last_wake_s)
+    rest = expected_left_s(wake, now, budget_s=budget_s, last_wake_s=last_wake_s)
     if wake is None:
         rest = expected_wake_s(budget_s, last_wake_s)
     return int(min(max(1.0, math.ceil(rest)), max(1.0, math.ceil(hard_cap_s))))
@@ -168,7 +168,7 @@ class Member:
         return not self.held(now) and self.no_capacity_at is None and self.ec2_state != "terminated"
 
 
-class Book:
+class Inventory:
     """Which instances a tier has, which are engaged, routable, awaited or startable, and the fallback
     ladder (primary -> fallback_instance_ids -> launch template -> fallback tier). Pure: the waker feeds
     it EC2 states, probe results and notices, with `now`."""

@@ -26,7 +26,7 @@ state, join a waiting room and poke the controller (`_kick`). States (DESIGN.md 
 - Interruptions (SQS notices, failing /health, `report_unreachable`): the host leaves `upstreams()` at
   once; the controller restarts it once EC2 shows it stopped, or fails over.
 The bookkeeping (members, engaged fallback steps, routable/awaited/startable) is the pure
-`ops.budget.Book`; this module does the I/O and the state machine. All blocking EC2/SQS calls go through
+`ops.budget.Inventory`; this module does the I/O and the state machine. All blocking EC2/SQS calls go through
 trio.to_thread with this waker's limiters.
 """
 
@@ -35,15 +35,15 @@ from __future__ import annotations
 import enum
 import logging
 import uuid
-from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import httpx
+import msgspec
 import trio
 
 from backends import probe
 from ops import budget
-from ops.budget import FALLBACK, LAUNCHED, PRIMARY, TIER, UP, Book, Member
+from ops.budget import FALLBACK, LAUNCHED, PRIMARY, TIER, UP, Inventory, Member
 from ops.ec2 import Backoff, CapacityError, Clients, Ec2, Ec2Error, Instance, StateError
 from ops.interruptions import InterruptionQueue, Notice, poll_notices
 from ops.settings import WakeConfig
@@ -69,8 +69,7 @@ class WakeQueueFull(Exception):
         self.retry_after_s = retry_after_s
 
 
-@dataclass(frozen=True)
-class WakerStatistics:
+class WakerStatistics(msgspec.Struct, frozen=True):
     tier: str
     state: TierState
     waiters: int
@@ -96,7 +95,7 @@ class Waker:
         self.models = list(models)
         self._api_key = upstream_api_key
         self._port = settings.upstream_port or (urlsplit(upstreams[0]).port if upstreams else None) or 8000
-        self._book = Book(instance_ids=list(settings.instance_ids), upstreams=list(upstreams),
+        self._inventory = Inventory(instance_ids=list(settings.instance_ids), upstreams=list(upstreams),
                           fallback_ids=list(settings.fallback_instance_ids),
                           launch_template=bool(settings.fallback_launch_template),
                           fallback_tier=bool(settings.fallback_tier), health_failures=settings.health_failures,
@@ -151,19 +150,11 @@ class Waker:
 
     def report_unreachable(self, upstream: str) -> None:
         """The gateway saw refused/reset before the first byte: take the host out now, re-probe/re-wake."""
-        if self._book.mark_down(upstream):
+        if self._inventory.mark_down(upstream):
             self._counts["down"] += 1
             logger.warning("upstream unreachable", extra={"tier": self.tier, "upstream": upstream})
         self._update_routable()
         self._kick.set()
-
-    def wake_ms_hint(self) -> int | None:
-        """Expected milliseconds until ready while a wake is under way (from the last measured wake)."""
-        if self._wake is None:
-            return None
-        rest = budget.remaining_s(self._wake, trio.current_time(), budget_s=self.settings.budget_s,
-                                  last_wake_s=self._last_wake_s)
-        return int(rest * 1000)
 
     def statistics(self) -> WakerStatistics:
         c = self._counts
@@ -200,16 +191,16 @@ class Waker:
         try:
             found = await self._call(self._ec2.describe_tagged, TIER_TAG, self.tier)
             if found:
-                self._book.add_launched([(i.id, i.state) for i in found])
+                self._inventory.add_launched([(i.id, i.state) for i in found])
         except Ec2Error as exc:
             logger.error("describe at start failed; assuming asleep", extra={"tier": self.tier, "code": exc.code})
             return
         if not await self._refresh_ec2(everything=True):
             return
-        if any(m.ec2_state in UP for m in self._book.members if m.group == FALLBACK):
-            self._book.engaged.add(FALLBACK)
+        if any(m.ec2_state in UP for m in self._inventory.members if m.group == FALLBACK):
+            self._inventory.engaged.add(FALLBACK)
         await self._probe(strict=False)
-        states = self._book.states()
+        states = self._inventory.states()
         now = trio.current_time()
         if self._routable and "pending" not in states:
             self._idle = budget.IdleTracker(self.settings.idle_s, now)
@@ -224,17 +215,17 @@ class Waker:
     def _begin_wake(self, requested_at: float) -> budget.Wake:
         self._wake = budget.Wake(requested_at, self.settings.budget_s, self.settings.hard_cap_s)
         self._counts["wakes"] += 1
-        self._launch_wanted = LAUNCHED in self._book.engaged and not any(
-            m.group == LAUNCHED for m in self._book.members)
+        self._launch_wanted = LAUNCHED in self._inventory.engaged and not any(
+            m.group == LAUNCHED for m in self._inventory.members)
         logger.info("wake started", extra={"tier": self.tier, "waiters": self._waiters})
         return self._wake
 
     async def _run_wake(self) -> None:
         now = trio.current_time()
-        if self._state is TierState.INTERRUPTED and self._wake_wanted_at is None and not self._book.held(now):
+        if self._state is TierState.INTERRUPTED and self._wake_wanted_at is None and not self._inventory.held(now):
             # Every upstream lost without a notice: if someone stopped the instances, we are simply asleep.
             await self._refresh_ec2()
-            states = self._book.states()
+            states = self._inventory.states()
             if states and states <= {"stopping", "stopped", "terminated"}:
                 self._reset()
                 self._set_state(TierState.STOPPING if "stopping" in states else TierState.ASLEEP)
@@ -248,15 +239,15 @@ class Waker:
                 if self._launch_wanted:
                     self._launch_wanted = False
                     await self._launch()
-                if any(m.ec2_state == "running" for m in self._book.engaged_members()):
+                if any(m.ec2_state == "running" for m in self._inventory.engaged_members()):
                     wake.mark(budget.Phase.RUNNING, trio.current_time())
             await self._probe(strict=True)
             now = trio.current_time()
             if self._routable:
                 wake.mark(budget.Phase.HEALTHY, now)
-            if self._book.wake_complete(now, over_budget=wake.over_budget(now)):
+            if self._inventory.wake_complete(now, over_budget=wake.over_budget(now)):
                 return self._finish_wake(wake, now)
-            if not any(m.awaited(now) for m in self._book.engaged_members()):
+            if not any(m.awaited(now) for m in self._inventory.engaged_members()):
                 self._escalate("nothing left to wait for")  # terminated, out of capacity or doomed
             if wake.take_over_budget(now):
                 self._counts["budget"] += 1
@@ -291,7 +282,7 @@ class Waker:
             if self._state is not TierState.READY:
                 return  # every upstream lost: INTERRUPTED, handled by _run_wake
             now = trio.current_time()
-            lost = any(not m.routable(now) for m in self._book.instances())
+            lost = any(not m.routable(now) for m in self._inventory.instances())
             if lost and await self._refresh_ec2():  # repair: restart a host that was stopped under us
                 await self._start_stopped(None)
             if self._state is not TierState.READY:
@@ -306,7 +297,7 @@ class Waker:
         while True:
             try:
                 if await self._refresh_ec2(everything=True):
-                    mine = self._book.instances(everything=True)
+                    mine = self._inventory.instances(everything=True)
                     stop = [m.instance_id for m in mine if m.group != LAUNCHED and m.ec2_state in UP]
                     drop = [m.instance_id for m in mine if m.group == LAUNCHED]
                     if stop:
@@ -336,7 +327,7 @@ class Waker:
         return f"http://{inst.private_ip}:{self._port}" if inst.private_ip else None
 
     async def _refresh_ec2(self, *, everything: bool = False) -> bool:
-        members = self._book.instances(everything=everything)
+        members = self._inventory.instances(everything=everything)
         try:
             found = await self._call(self._ec2.describe, [m.instance_id for m in members])
         except Ec2Error as exc:
@@ -345,22 +336,22 @@ class Waker:
         now = trio.current_time()
         for m in members:
             inst = found.get(m.instance_id)
-            self._book.observe(m, inst.state if inst else "terminated", self._url_of(inst) if inst else None, now)
+            self._inventory.observe(m, inst.state if inst else "terminated", self._url_of(inst) if inst else None, now)
         self._update_routable()
         return True
 
     async def _start_stopped(self, wake: budget.Wake | None) -> None:
         for group in (PRIMARY, FALLBACK, LAUNCHED):
             now = trio.current_time()
-            ids = self._book.startable(group, now)
+            ids = self._inventory.startable(group, now)
             if not ids:
                 continue
             try:
                 await self._call(self._ec2.start, ids)
             except CapacityError as exc:
-                self._book.note_start(ids, now, capacity=True)
+                self._inventory.note_start(ids, now, capacity=True)
                 logger.warning("no capacity", extra={"tier": self.tier, "instance_ids": ids, "code": exc.code})
-                if group == self._book.top():
+                if group == self._inventory.top():
                     self._escalate(exc.code)
                 continue
             except StateError:
@@ -368,7 +359,7 @@ class Waker:
             except Ec2Error as exc:
                 logger.warning("start failed", extra={"tier": self.tier, "instance_ids": ids, "code": exc.code})
                 continue
-            self._book.note_start(ids, now, capacity=False)
+            self._inventory.note_start(ids, now, capacity=False)
             if wake is not None:
                 wake.mark(budget.Phase.START_SENT, now)
             logger.info("StartInstances sent", extra={"tier": self.tier, "instance_ids": ids})
@@ -387,7 +378,7 @@ class Waker:
         except Ec2Error as exc:
             logger.error("launch template failed", extra={"tier": self.tier, "code": exc.code})
             return
-        self._book.add_launched([(i.id, i.state) for i in launched])
+        self._inventory.add_launched([(i.id, i.state) for i in launched])
         logger.info("RunInstances sent", extra={"tier": self.tier, "instance_ids": [i.id for i in launched]})
 
     async def _probe(self, *, strict: bool, activity: bool = False) -> list[tuple[str, float, float]]:
@@ -404,12 +395,12 @@ class Waker:
                     seen = await probe.probe_activity(client, url)
                     # Unreadable metrics count as activity: never stop what we cannot see.
                     samples.append((url, 1.0, 0.0) if seen is None else (url, seen.in_flight, seen.success_total))
-            if self._book.note_health(m, ok, strict=strict):
+            if self._inventory.note_health(m, ok, strict=strict):
                 self._counts["down"] += 1
                 logger.warning("upstream failing health", extra={"tier": self.tier, "upstream": url})
 
         async with trio.open_nursery() as nursery:
-            for m in self._book.engaged_members():
+            for m in self._inventory.engaged_members():
                 if m.url and (m.instance_id is None or m.ec2_state == "running"):
                     nursery.start_soon(one, m, m.url)
         self._update_routable()
@@ -423,7 +414,7 @@ class Waker:
                            wait_s=self.settings.interruption_wait_s, poll_s=self.settings.poll_s)
 
     def _on_notice(self, notice: Notice) -> bool:
-        member = self._book.by_instance(notice.instance_id)
+        member = self._inventory.by_instance(notice.instance_id)
         if member is None:
             return False  # another tier's instance: leave the message to it
         member.hold_until = trio.current_time() + self.settings.interruption_hold_s
@@ -432,7 +423,7 @@ class Waker:
             "tier": self.tier, "instance_id": notice.instance_id, "kind": notice.kind,
             "action": notice.action, "upstream": member.url})
         self._update_routable()
-        if not self._routable and member.group in self._book.engaged:
+        if not self._routable and member.group in self._inventory.engaged:
             self._escalate(notice.kind)
         self._kick.set()
         return True
@@ -440,7 +431,7 @@ class Waker:
     # ---- small helpers ------------------------------------------------------------------------------
 
     def _escalate(self, reason: str, *, everything: bool = False) -> None:
-        steps = self._book.escalate(everything=everything)
+        steps = self._inventory.escalate(everything=everything)
         for step in steps:
             self._counts["fallbacks"] += 1
             if step == LAUNCHED:
@@ -452,13 +443,13 @@ class Waker:
             self._kick.set()
 
     def _reset(self) -> None:
-        self._book.reset()
+        self._inventory.reset()
         self._launch_wanted = False
         self.fallback_tier = None
         self._update_routable()
 
     def _update_routable(self) -> None:
-        self._routable = self._book.routable(trio.current_time())
+        self._routable = self._inventory.routable(trio.current_time())
         if self._state is TierState.READY and not self._routable:
             self._set_state(TierState.INTERRUPTED)
             self._kick.set()

@@ -1,7 +1,8 @@
 """Gateway configuration: TOML decoded by msgspec into frozen Structs.
 
 Strategy: strict config, lax requests. Every Struct forbids unknown fields (a typo is an error, not a
-silence) and gives every field a default, so old files keep loading when fields are added. Decoding
+silence) and gives every field a default except what only the operator can know (a tier's `name`,
+`upstreams` and `models`), so old files keep loading when fields are added. Decoding
 errors are turned into a `ConfigError` whose message names the field by its TOML path
 (`tiers[0].wake.budget_s`). Cross-field rules that a type cannot express (a model served by two
 tiers, a bad upstream URL, hard cap below the budget) are checked in `validate()` with the same

@@ -1,8 +1,9 @@
 """The OpenAI error envelope, and every error the gateway itself originates.
 
 Strategy: one exception type, `ApiError`, carries status, message, type, param, code and any extra
-response headers. Handlers raise it; the connection loop renders it with `render()` (pre-encoded
-JSON, never exception text from elsewhere). The body shape is OpenAI's:
+response headers. Handlers raise it; whoever answers the request sends it
+with `Downstream.send_error` (the body from `ApiError.body()`: encoded here, never exception text from
+elsewhere). The body shape is OpenAI's:
 ``{"error": {"message", "type", "param", "code"}}`` -- openai-python maps the status to its exception
 class (400 BadRequestError, 401 AuthenticationError, 403 PermissionDeniedError, 404 NotFoundError,
 413/502/503 APIStatusError, 429 RateLimitError, 5xx InternalServerError) and reads `x-should-retry`

@@ -1,8 +1,8 @@
 """One request's record, from head received to the last byte: who, what, where, how long, how it ended.
 
 Strategy: handlers fill the fields as the request moves along; `finish()` runs exactly once (from the
-dispatcher's `finally`, cancellation included) and hands the record to the gateway's accounting:
-access log line, metrics, usage row. A client that vanished before the response completed is
+dispatcher's `finally`, cancellation included) and hands the record to `Gateway.request_finished`:
+limits settled, metrics, usage row, access log line. A client that vanished before the response completed is
 recorded as status 499 (nginx's convention), with whatever the upstream had reported.
 Times are `time.perf_counter()` seconds; the wall-clock timestamp is taken once at the start.
 """
@@ -88,10 +88,6 @@ class Exchange:
         self.early_head = False  # a waiting stream got its 200 SSE head before the upstream answered
         self._done = False
 
-    @property
-    def key_name(self) -> str | None:
-        return self.key.name if self.key is not None else None
-
     def fail(self, err) -> None:
         self.status = err.status
         self.error_type = err.code or err.type
@@ -113,9 +109,12 @@ class Exchange:
     def ttfb_ms(self) -> float | None:
         return None if self.t_first_byte is None else (self.t_first_byte - self.t0) * 1000.0
 
-    def gateway_ms(self) -> float | None:
-        """Time spent in the gateway before the upstream got the request (routing, validation, auth)
-        plus nothing of the upstream's own time; None if the request never went upstream."""
+    def gateway_ms(self) -> float:
+        """Time the gateway itself spent before the upstream got the request (routing, validation,
+        auth; a wake wait excluded); the whole latency for a request that never went upstream."""
         if self.t_upstream is None:
-            return None
-        return (self.t_upstream - self.t0) * 1000.0
+            return self.latency_ms()
+        ms = (self.t_upstream - self.t0) * 1000.0
+        if self.wake_ms:
+            ms = max(0.0, ms - self.wake_ms)
+        return ms

@@ -10,8 +10,9 @@ import msgspec
 import trio
 
 from backends.sim.server import SimOptions, SimServer
-from proxy.app import Gateway, build_runtime, run_gateway
 from proxy.config import AuthConfig, Config, ServerConfig, TierConfig, UpstreamConfig, validate
+from proxy.gateway import Gateway, build_runtime
+from proxy.process.services import run_gateway
 
 
 async def start_sim(nursery: trio.Nursery, **options) -> tuple[SimServer, str]:

@@ -1,6 +1,6 @@
 """One keep-alive HTTP/1.1 client connection to a vLLM server: a raw socket plus a response reader.
 
-Strategy (after httpcore's http11 connection): http1.py owns response framing and keep-alive; this
+Strategy (after httpcore's http11 connection): parse/response.py owns response framing and keep-alive; this
 class owns the socket and the read size. The lifecycle is NEW -> ACTIVE -> IDLE -> ACTIVE ... -> CLOSED;
 the pool (pool.py) makes every reuse decision with `recycle()` and `looks_stale()`.
 
@@ -10,8 +10,8 @@ Rules:
   readable has been hung up (EOF) or sent garbage; either way it must not carry a request.
 - No timeouts here: callers wrap `connect`, `read_head` and later reads in their own
   cancel scopes (upstream connect / first byte / between chunks).
-- A read error or EOF before the response is complete raises `UpstreamClosed`; `got_response`
-  tells the caller whether any response byte had arrived, which decides whether a retry is allowed.
+- A read error or EOF before the response is complete raises `UpstreamClosed`. Whether a retry is
+  allowed is the caller's to decide (upstream/open.py: only before the response head).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import socket
 import trio
 
 from proxy import sockio
-from proxy.upstream.http1 import ProtocolError, ResponseHead, ResponseReader
+from proxy.parse.response import ResponseError, ResponseHead, ResponseReader
 
 # A request body is small; an upstream that does not take it within this long is dead.
 SEND_STALL_S = 30.0
@@ -42,22 +42,20 @@ class ConnState(enum.Enum):
 
 
 def encode_request(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
-    """Request head bytes. Header names/values come from h11-validated input or from us."""
+    """Request head bytes. Header names/values come from input the strict request reader already validated or from us."""
     return b"".join((method, b" ", target, b" HTTP/1.1\r\n",
                      *[b"%s: %s\r\n" % (n, v) for n, v in headers], b"\r\n"))
 
 
 class UpstreamConnection:
-    __slots__ = ("address", "got_response", "idle_since", "reader", "requests", "sock", "state")
+    __slots__ = ("address", "idle_since", "reader", "sock", "state")
 
     def __init__(self, address: tuple[str, int], sock: socket.socket) -> None:
         self.address = address
         self.sock = sock
         self.reader = ResponseReader()
         self.state = ConnState.NEW
-        self.got_response = False
         self.idle_since = 0.0
-        self.requests = 0
 
     @classmethod
     async def connect(cls, address: tuple[str, int]) -> UpstreamConnection:
@@ -91,8 +89,6 @@ class UpstreamConnection:
     async def send_request(self, head: bytes, body: bytes) -> None:
         """Send head + body in one write."""
         self.state = ConnState.ACTIVE
-        self.got_response = False
-        self.requests += 1
         try:
             await sockio.send_all(self.sock, head + body if body else head, SEND_STALL_S)
         except sockio.BrokenPipe:
@@ -108,10 +104,9 @@ class UpstreamConnection:
         while True:
             try:
                 head = reader.next_head()
-            except ProtocolError as exc:
+            except ResponseError as exc:
                 raise UpstreamClosed(str(exc)) from None
             if head is not None:
-                self.got_response = True
                 return head
             await self.receive()
 
@@ -119,7 +114,7 @@ class UpstreamConnection:
         """Body bytes already buffered (b"" when the response is complete), None to read more."""
         try:
             return self.reader.read_body()
-        except ProtocolError as exc:
+        except ResponseError as exc:
             raise UpstreamClosed(str(exc)) from None
 
     @property

@@ -15,18 +15,17 @@ No timeouts here: the caller wraps `connect()` in the upstream connect timeout.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
+import msgspec
 import trio
 
 from proxy.upstream.connection import UpstreamConnection
 
 # Peeking costs a syscall; a connection used moments ago is very unlikely to be half-closed, and if
-# it is, the request fails before its first byte and is retried on a fresh connection (forward.py).
+# it is, the request fails before its first byte and is retried on a fresh connection (upstream/open.py).
 STALE_CHECK_AFTER_S = 0.5
 
 
-class PoolStatistics(NamedTuple):
+class PoolStatistics(msgspec.Struct, frozen=True):
     idle: int
     active: int
     connects_total: int

@@ -11,7 +11,7 @@ import yaml
 
 from backends.render import render, vllm_argv
 from backends.settings import BackendConfig
-from proxy import cmd_backend
+from proxy.commands import backend as cmd_backend
 
 BACKEND = BackendConfig(model="Qwen/Qwen3-Coder-30B-A3B-Instruct", max_model_len=32768,
                         gpu_memory_utilization=0.92, api_key_env="TIER_KEY", vllm_version="0.11.0",

@@ -7,7 +7,7 @@ workers (a request id's 12-hex-digit prefix names the worker process), using an 
 then spends a limited key across both by overriding Authorization per request: a limit that holds
 across the two connections is held across the two workers -- exactly, not per worker.
 
-Expected header values follow from the bucket rules (proxy/ratelimit.py): after n of 3 requests the
+Expected header values follow from the bucket rules (proxy/limits/buckets.py): after n of 3 requests the
 reset time is 20*n s minus the refill since the first, so it lies in [20n - elapsed, 20n] where elapsed
 is measured around the calls by the client; OpenAI's duration text is parsed back to seconds.
 """

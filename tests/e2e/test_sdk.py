@@ -8,10 +8,10 @@ import openai
 import pytest
 import trio
 
-from proxy import keys
+from proxy.admit import keys
 from proxy.config import TierConfig
 from tests.helpers import make_config, start_gateway, start_sim
-from tests.proxy.test_protocol import dead_upstream
+from tests.proxy.accept.test_protocol import dead_upstream
 
 TOOLS = [{
     "type": "function",

@@ -18,8 +18,8 @@ import trio
 
 from loadtest import parity
 
-if importlib.util.find_spec("proxy.app") is None:
-    pytest.skip("the gateway (proxy/app.py) is not there yet", allow_module_level=True)
+if importlib.util.find_spec("proxy.gateway") is None:
+    pytest.skip("the gateway (proxy/gateway.py) is not there yet", allow_module_level=True)
 sim_server = pytest.importorskip("backends.sim.server", reason="the simulated vLLM is not there yet")
 procs = pytest.importorskip("loadtest.procs")
 

@@ -9,11 +9,11 @@ from ops.budget import (
     LAUNCHED,
     PRIMARY,
     TIER,
-    Book,
     IdleTracker,
+    Inventory,
     Phase,
     Wake,
-    remaining_s,
+    expected_left_s,
     retry_after_s,
 )
 
@@ -52,8 +52,8 @@ def test_retry_after_uses_last_wake_and_clamps() -> None:
     assert retry_after_s(w, 200.0, budget_s=480, hard_cap_s=600, last_wake_s=90.0) == 1  # overdue
     assert retry_after_s(None, 0.0, budget_s=480, hard_cap_s=600, last_wake_s=None) == 480
     assert retry_after_s(None, 0.0, budget_s=900, hard_cap_s=600, last_wake_s=None) == 600
-    assert remaining_s(None, 5.0, budget_s=480, last_wake_s=None) == 0.0
-    assert remaining_s(w, 30.0, budget_s=480, last_wake_s=60.0) == 30.0
+    assert expected_left_s(None, 5.0, budget_s=480, last_wake_s=None) == 0.0
+    assert expected_left_s(w, 30.0, budget_s=480, last_wake_s=60.0) == 30.0
 
 
 def test_idle_tracker_running_gauge_and_counter() -> None:
@@ -77,27 +77,27 @@ def test_idle_tracker_counter_reset_counts_as_activity() -> None:
     assert idle.idle_for(18.0) == 3.0
 
 
-def _book(**kw) -> Book:
+def _inventory(**kw) -> Inventory:
     args = {"instance_ids": ["i-a", "i-b"], "upstreams": ["http://a:8000", "http://b:8000"],
             "fallback_ids": ["i-f"], "launch_template": True, "fallback_tier": True,
             "health_failures": 2, "start_retry_s": 30.0}
     args.update(kw)
-    return Book(**args)
+    return Inventory(**args)
 
 
 def test_book_ladder_engages_one_step_or_all() -> None:
-    book = _book()
+    book = _inventory()
     assert book.ladder == [PRIMARY, FALLBACK, LAUNCHED, TIER] and book.top() == PRIMARY
     assert book.escalate() == [FALLBACK] and book.top() == FALLBACK
     assert book.escalate(everything=True) == [LAUNCHED, TIER]
     assert book.escalate() == []
     book.reset()
     assert book.engaged == {PRIMARY}
-    assert _book(fallback_ids=[], launch_template=False, fallback_tier=False).escalate() == []
+    assert _inventory(fallback_ids=[], launch_template=False, fallback_tier=False).escalate() == []
 
 
 def test_book_start_once_within_the_retry_window() -> None:
-    book = _book()
+    book = _inventory()
     a, b = book.members[0], book.members[1]
     book.observe(a, "stopped", None, 0.0)
     book.observe(b, "running", None, 0.0)
@@ -112,7 +112,7 @@ def test_book_start_once_within_the_retry_window() -> None:
 
 
 def test_book_wake_complete_skips_instances_without_capacity() -> None:
-    book = _book()
+    book = _inventory()
     a, b = book.members[0], book.members[1]
     for m in (a, b):
         book.observe(m, "running", None, 0.0)
@@ -125,7 +125,7 @@ def test_book_wake_complete_skips_instances_without_capacity() -> None:
 
 
 def test_book_health_holds_and_unreachable() -> None:
-    book = _book()
+    book = _inventory()
     a = book.members[0]
     book.observe(a, "running", None, 0.0)
     book.note_health(a, True, strict=False)
@@ -142,7 +142,7 @@ def test_book_health_holds_and_unreachable() -> None:
 
 
 def test_book_launched_capacity_comes_and_goes() -> None:
-    book = _book()
+    book = _inventory()
     book.add_launched([("i-l1", "pending")])
     [launched] = [m for m in book.members if m.group == LAUNCHED]
     assert LAUNCHED in book.engaged and launched.url is None

@@ -1,0 +1,71 @@
+"""Routes: method + path -> handler; the first step of every request once its head is parsed.
+
+Strategy: a dict from path to (allowed methods, handler, needs a key, endpoint label), built once; no
+framework. The order of checks, so that each abuse case is refused as early and as cheaply as
+possible: route (404/405) -> API key (401, auth.py) -> handler. Inference handlers continue in
+inference.py (declared size and type before a byte of the body is read, then validation, tier,
+limits); the gateway's own endpoints are local.py's.
+`dispatch` sends exactly one response per request (or ends the connection) and closes the request's
+record (`Exchange.finish`) whatever happens, cancellation included.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import unquote_to_bytes
+
+from proxy import errors
+from proxy.accept.downstream import BODY, Downstream
+from proxy.admit.auth import authenticate
+from proxy.admit.inference import forward_inference
+from proxy.admit.local import handle_healthz, handle_metrics, handle_models
+from proxy.exchange import Exchange
+from proxy.parse.request import target_path
+
+# path -> (methods, handler, needs key, endpoint label)
+ROUTES = {
+    b"/v1/chat/completions": ((b"POST",), forward_inference, True, "chat"),
+    b"/v1/completions": ((b"POST",), forward_inference, True, "completions"),
+    b"/v1/embeddings": ((b"POST",), forward_inference, True, "embeddings"),
+    b"/v1/models": ((b"GET",), handle_models, True, "models"),
+    b"/healthz": ((b"GET", b"HEAD"), handle_healthz, False, "healthz"),
+    b"/metrics": ((b"GET",), handle_metrics, False, "metrics"),
+}
+_MODELS_PREFIX = b"/v1/models/"
+
+
+def route(path: bytes):
+    """(route entry or None, the rest of the path for `/v1/models/{id}`)."""
+    entry = ROUTES.get(path)
+    if entry is not None:
+        return entry, b""
+    if path.startswith(_MODELS_PREFIX) and len(path) > len(_MODELS_PREFIX):
+        return ROUTES[b"/v1/models"], unquote_to_bytes(path[len(_MODELS_PREFIX):])
+    return None, b""
+
+
+async def dispatch(gw, ds: Downstream, request) -> None:
+    """Handle one request: send exactly one response (or end the connection)."""
+    path = target_path(request.target)
+    ex = Exchange(gw, request, ds.client)
+    try:
+        entry, rest = route(path)
+        if entry is None:
+            ex.endpoint = "unknown"
+            raise errors.not_found(path.decode("latin-1"))
+        methods, handler, needs_key, ex.endpoint = entry
+        if request.method not in methods:
+            raise errors.method_not_allowed(request.method.decode("latin-1"), path.decode("latin-1"))
+        key = None
+        if needs_key:
+            key, err = authenticate(gw.runtime.keys, request.headers)
+            if err is not None:
+                raise err
+            ex.key = key
+        await handler(gw, ds, ex, request, key, rest)
+    except errors.ApiError as err:
+        ex.fail(err)
+        await ds.send_error(err, ex.request_id)
+    finally:
+        if ds.phase is BODY and ex.status == 0:  # the body timeout fired (connection.py sends the 408)
+            ex.status, ex.error_type = 408, "request_timeout"
+        ex.finish(ds.client_gone)

@@ -1,0 +1,146 @@
+"""`spotinference serve` and `spotinference check-config`.
+
+Strategy: `serve` with no arguments is the embedded default -- a simulated vLLM tier `local`
+(serving `sim-chat` and `sim-embed`) started in the same process on a free loopback port, the gateway
+on 127.0.0.1:8080 in front of it, no keys. Without a keys file the gateway runs open, and therefore
+refuses to bind anything but a loopback address. One line `spotinference listening on http://H:P`
+goes to stdout once the socket is bound (scripts and harnesses wait for it); logs go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import ipaddress
+import signal
+import socket
+import sys
+
+import trio
+
+from proxy.admit.keys import KeysError
+from proxy.config import Config, ConfigError, embedded_default, load, parse_listen
+from proxy.observe import logs
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except socket.gaierror:
+        return False
+    return all(ipaddress.ip_address(info[4][0]).is_loopback for info in infos)
+
+
+def check_open_bind(config: Config) -> None:
+    host, _ = parse_listen(config.server.listen)
+    if not config.auth.keys_file and not _is_loopback(host):
+        raise ConfigError(
+            f"field 'server.listen': refusing to bind {host!r} without API keys: set [auth] keys_file "
+            "(create keys with `spotinference keys add`) or listen on 127.0.0.1"
+        )
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="spotinference serve", description="Run the gateway.")
+    p.add_argument("--config", help="TOML config file (default: embedded simulated tier)")
+    p.add_argument("--listen", help="HOST:PORT to bind (overrides [server] listen)")
+    p.add_argument("--workers", type=int, help="worker processes (overrides [server] workers)")
+    return p
+
+
+async def _serve_embedded(listen: str) -> None:
+    from backends.sim.server import SimOptions, SimServer
+    from proxy.process.services import run_gateway
+
+    async with trio.open_nursery() as nursery:
+        sim_host, sim_port = await nursery.start(SimServer(SimOptions(models=("sim-chat",),
+                                                                       embedding_models=("sim-embed",))).serve,
+                                                 "127.0.0.1", 0)
+        config = embedded_default(f"http://{sim_host}:{sim_port}", listen)
+        host, port = await nursery.start(run_gateway, config)
+        base = f"http://{host}:{port}"
+        print(f"spotinference listening on {base}", flush=True)
+        print(
+            f"  embedded simulated tier 'local' (models sim-chat, sim-embed) at http://{sim_host}:{sim_port}\n"
+            f"  try: curl {base}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
+            f"         -d '{{\"model\": \"sim-chat\", \"messages\": [{{\"role\": \"user\", \"content\": \"Say hello.\"}}]}}'\n"
+            f"  or:  OpenAI(base_url=\"{base}/v1\", api_key=\"none\")",
+            flush=True,
+        )
+        await _wait_for_stop_signal()
+        nursery.cancel_scope.cancel()
+
+
+async def _wait_for_stop_signal() -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            logs.event("shutdown", signal=signal.Signals(signum).name)
+            return
+
+
+def main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.config:
+            config = load(args.config)
+        else:
+            config = None
+        if args.listen:
+            parse_listen(args.listen, "--listen")
+        if config is not None:
+            import msgspec
+
+            server = config.server
+            if args.listen:
+                server = msgspec.structs.replace(server, listen=args.listen)
+            if args.workers is not None:
+                if args.workers < 1:
+                    raise ConfigError("--workers must be >= 1")
+                server = msgspec.structs.replace(server, workers=args.workers)
+            config = msgspec.structs.replace(config, server=server)
+            check_open_bind(config)
+            logs.configure(config.log.level, config.log.access)
+        else:
+            listen = args.listen or "127.0.0.1:8080"
+            check_open_bind(embedded_default("http://127.0.0.1:1", listen))
+            logs.configure()
+    except (ConfigError, KeysError) as exc:
+        sys.stderr.write(f"spotinference: {exc}\n")
+        return 2
+    try:
+        if config is None:
+            trio.run(_serve_embedded, listen)
+        elif config.server.workers > 1:
+            from proxy.process.supervisor import run_supervisor
+
+            return run_supervisor(config, args.config)
+        else:
+            from proxy.process.serve import serve_process
+
+            trio.run(functools.partial(serve_process, config, args.config))
+    except OSError as exc:
+        sys.stderr.write(f"spotinference: cannot serve: {exc.strerror or exc}\n")
+        return 1
+    except (ConfigError, KeysError) as exc:
+        sys.stderr.write(f"spotinference: {exc}\n")
+        return 2
+    return 0
+
+
+def check_config_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="spotinference check-config", description="Validate a config file.")
+    p.add_argument("file")
+    args = p.parse_args(argv)
+    try:
+        config = load(args.file)
+        check_open_bind(config)
+        if config.auth.keys_file:
+            from proxy.gateway import build_runtime
+
+            build_runtime(config)  # the keys file must exist and parse
+    except (ConfigError, KeysError) as exc:
+        sys.stderr.write(f"{args.file}: {exc}\n")
+        return 1
+    print(f"{args.file}: ok ({len(config.tiers)} tier(s), "
+          f"{sum(len(t.models) for t in config.tiers)} model(s))")
+    return 0

@@ -1,0 +1,125 @@
+"""The gateway object: the runtime record (config, keys, router) and the services around requests.
+
+Strategy: everything a request needs hangs off one `Gateway` (no eight-argument constructors threaded
+through layers). The swappable part -- config, keys, router -- lives in one immutable `Runtime`
+record replaced whole on reload (process/reload.py), so a request sees one consistent view.
+Long-lived services (upstream pool, usage log, metrics, rate limiter, wakers) outlive reloads.
+The request path calls back into it at three points: `dispatch` (a parsed head, from
+accept/connection.py), `request_finished` (the record of a finished request, from `Exchange.finish`)
+and `connection_opened` / `connection_closed`. process/services.py starts and serves it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import NamedTuple
+
+import trio
+
+from proxy.admit.keys import KeysError, KeyStore
+from proxy.admit.routes import dispatch
+from proxy.config import Config
+from proxy.limits.charge import settle
+from proxy.limits.shared_table import open_limiter
+from proxy.observe import logs
+from proxy.observe.access import access_fields
+from proxy.routing.tiers import Router
+from proxy.upstream.pool import Pool
+from proxy.usage.record import usage_row
+
+
+class Runtime(NamedTuple):
+    config: Config
+    keys: KeyStore
+    router: Router
+
+
+def build_runtime(config: Config, *, created: int | None = None) -> Runtime:
+    """Load the keys file (if any) and build the router; raises ConfigError/KeysError."""
+    if config.auth.keys_file:
+        if not os.path.exists(config.auth.keys_file):
+            raise KeysError(f"keys file {config.auth.keys_file} does not exist "
+                            "(create it with `spotinference keys add NAME --keys-file FILE`)")
+        keys = KeyStore.from_file(config.auth.keys_file)
+    else:
+        keys = KeyStore(None, open=True)
+    return Runtime(config, keys, Router(config, created if created is not None else int(time.time())))
+
+
+class Gateway:
+    def __init__(self, runtime: Runtime, *, workers: int = 1) -> None:
+        from proxy.observe.metrics import Metrics
+
+        self.runtime = runtime
+        up = runtime.config.upstream
+        self.pool = Pool(max_idle_per_host=up.max_idle_per_host, idle_keepalive_s=up.idle_keepalive_s)
+        self.metrics = Metrics()
+        self.workers = max(1, workers)
+        # Under the supervisor: one shared bucket table, exact limits (divisor 1); see limits/shared_table.
+        self.limiter, self.limit_divisor = open_limiter(self.workers, time.monotonic)
+        self.usage = None  # UsageLog, started by run_gateway when [usage] path is set
+        self.open_connections = 0
+        self.connections: set = set()  # open Downstream objects (a drain closes the idle ones)
+        self.server = None  # proxy.accept.listener.Server, set when serving
+        self.services: trio.Nursery | None = None  # long-lived tasks: usage writer, metrics, wakers
+        self.metrics.register_stats_source("upstream_pool", self.pool.statistics)
+
+    @property
+    def draining(self) -> bool:
+        return self.server is not None and self.server.draining
+
+    def start_wakers(self) -> list:
+        """Create (and, once serving, start) a waker for every tier with `[tiers.wake]` lacking one."""
+        from ops.waker import Waker
+
+        created = []
+        for tier in self.runtime.router.tiers.values():
+            cfg = tier.config
+            if cfg.wake is None or tier.waker is not None:
+                continue
+            tier.waker = Waker(cfg.name, cfg.wake, list(cfg.upstreams), list(cfg.models),
+                               upstream_api_key=cfg.upstream_api_key)
+            created.append(tier.waker)
+            if self.services is not None:
+                self.services.start_soon(tier.waker.run)
+        return created
+
+    def waker_statistics(self) -> dict:
+        return {name: t.waker.statistics() for name, t in self.runtime.router.tiers.items() if t.waker is not None}
+
+    def close_idle_connections(self) -> None:
+        from proxy.accept.downstream import IDLE
+
+        for ds in list(self.connections):
+            if ds.phase is IDLE and ds.scope is not None:
+                ds.scope.cancel()
+
+    # -- request path hooks ---------------------------------------------------------------------
+    async def dispatch(self, ds, request) -> None:
+        await dispatch(self, ds, request)
+
+    def request_finished(self, ex) -> None:
+        """The record of a finished request: limits settled, metrics, usage row, access line."""
+        settle(self, ex)
+        ttfb_ms = ex.ttfb_ms()
+        tier = ex.tier or "-"
+        model = ex.model if ex.tier is not None else "-"  # only configured names become labels
+        self.metrics.request_done(ex.status, model, tier, ex.endpoint, ex.gateway_ms() / 1000.0,
+                                  None if ttfb_ms is None else ttfb_ms / 1000.0, ex.prompt_tokens,
+                                  ex.completion_tokens)
+        if self.usage is not None:
+            row = usage_row(ex)
+            if row is not None:
+                self.usage.record(row)
+        logs.access(access_fields(ex))
+
+    def connection_opened(self, ds) -> None:
+        self.open_connections += 1
+        self.connections.add(ds)
+        self.metrics.connection_opened()
+
+    def connection_closed(self, ds) -> None:
+        self.open_connections -= 1
+        self.connections.discard(ds)
+        self.metrics.connection_closed()

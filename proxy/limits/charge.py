@@ -1,0 +1,36 @@
+"""Charging a request to its key's limits up front, and settling with vLLM's own count at the end.
+
+Strategy: the bucket math is buckets.py's and the table is chosen by shared_table.open_limiter; this
+module only says what a request costs. Up front: one request and an estimate of its tokens (prompt
+estimated from the body size, plus the requested maximum output), so a key cannot start more work
+than its tokens-per-minute allow; over the limit -> 429 with Retry-After and the x-ratelimit headers
+(openai-python reads both). At the end: the estimate is replaced by vLLM's reported total (`settle`).
+Under the supervisor each worker's share is the key's limit divided by `gw.limit_divisor` (1 with the
+shared table: exact limits across workers).
+"""
+
+from __future__ import annotations
+
+from proxy import errors
+from proxy.exchange import Exchange
+
+
+def charge(gw, ex: Exchange, key, view, body_len: int) -> tuple[tuple[bytes, bytes], ...]:
+    """Admit the request against `key`'s rpm/tpm; returns the x-ratelimit headers for the response.
+    Raises ApiError 429 when the key is over its limits. Records the tokens charged on `ex`."""
+    if key is None or (key.rpm is None and key.tpm is None):
+        return ()
+    estimate = view.estimate_prompt_tokens(body_len) + (view.max_output_tokens() or 0)
+    w = gw.limit_divisor
+    adm = gw.limiter.admit(key.name, None if key.rpm is None else key.rpm / w,
+                           None if key.tpm is None else key.tpm / w, estimate)
+    if not adm.allowed:
+        raise errors.rate_limited(adm.message(key.name), adm.retry_after_s, adm.headers)
+    ex.charged_tokens = estimate if key.tpm is not None else 0
+    return adm.headers
+
+
+def settle(gw, ex: Exchange) -> None:
+    """Replace the up-front token estimate by what the upstream reported (0 if nothing came back)."""
+    if ex.charged_tokens:
+        gw.limiter.reconcile(ex.key.name, ex.charged_tokens, ex.total_tokens or 0)

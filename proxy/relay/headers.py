@@ -1,0 +1,35 @@
+"""The response head the client gets: the upstream's headers, less hop-by-hop, plus ours.
+
+Strategy: one pass over the upstream's header list. Hop-by-hop headers are dropped (RFC 9110 7.6.1),
+and so is the upstream's framing (the relay re-frames); `x-request-id` and the rate-limit and wake
+headers are added. SSE responses get `Cache-Control: no-cache` and `X-Accel-Buffering: no` (replacing
+the upstream's cache-control) so an nginx or load balancer in front does not buffer them.
+"""
+
+from __future__ import annotations
+
+_DROP_RESPONSE = frozenset((
+    b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"te", b"trailer",
+    b"upgrade", b"proxy-authenticate", b"cache-control", b"x-accel-buffering", b"content-length",
+))
+_SSE_HEADERS = ((b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no"))
+_EVENT_STREAM = b"text/event-stream"
+
+
+def response_headers(upstream_headers, request_id: bytes, extra) -> tuple[list, bool]:
+    out = []
+    sse = False
+    for name, value in upstream_headers:
+        if name in _DROP_RESPONSE:
+            if name == b"cache-control":
+                out.append((name, value))  # kept unless SSE (replaced below)
+            continue
+        if name == b"content-type" and value.startswith(_EVENT_STREAM):
+            sse = True
+        out.append((name, value))
+    if sse:
+        out = [h for h in out if h[0] != b"cache-control"]
+        out.extend(_SSE_HEADERS)
+    out.append((b"x-request-id", request_id))
+    out.extend(extra)
+    return out, sse

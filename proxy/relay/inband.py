@@ -1,0 +1,28 @@
+"""Failing a stream whose 200 head is already out: an in-band error event, then an abort.
+
+Strategy: once the head is sent the status can no longer change, so the failure travels in the body,
+as the one shape SDKs understand: `data: {"error": {...}}` (openai-python raises APIError on it).
+Then the connection is closed WITHOUT the terminating chunk, so even a client that ignores error
+events sees a truncated stream -- never an invented `data: [DONE]`.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from proxy.accept.downstream import ClientGone, Downstream
+
+
+def inband_error(message: str, code: str) -> bytes:
+    payload = msgspec.json.encode({"error": {"message": message, "type": "server_error", "param": None,
+                                             "code": code}})
+    return b"data: " + payload + b"\n\n"
+
+
+async def end_stream_with_error(ds: Downstream, err) -> None:
+    """A stream whose 200 head is already out fails: in-band error event, then abort (no last chunk)."""
+    try:
+        await ds.send_raw(ds.frame(inband_error(err.message, err.code or err.type)))
+    except ClientGone:
+        pass
+    ds.client_gone = True

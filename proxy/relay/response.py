@@ -1,0 +1,157 @@
+"""Relay: the upstream's response head, then its body as it arrives, to the client.
+
+Strategy: pure byte relay, no JSON on this path. parse/response.py decodes the upstream framing
+(chunked for SSE) and Downstream.frame re-frames it; the body bytes -- every SSE event -- pass
+unchanged and unbuffered. Bytes already buffered are batched into one downstream write; the write happens
+before the next upstream read blocks, so nothing waits in the gateway (flow control is the
+`send_all` itself: a slow client slows the upstream read, never a queue).
+The usage tap (usage/taps.py) sees every piece on its way and may drop the one usage event the
+gateway asked for; its counts go into the request's record when the relay ends.
+The head's headers are headers.py's. Failure after the head was sent (the upstream closes or goes
+silent for `between_chunks_s`): for SSE the in-band error event of inband.py, then an abort.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import trio
+
+from proxy import errors
+from proxy.accept.downstream import ClientGone, Downstream
+from proxy.exchange import Exchange
+from proxy.relay.headers import response_headers
+from proxy.relay.inband import end_stream_with_error, inband_error
+from proxy.upstream.connection import UpstreamClosed
+from proxy.usage.taps import read_tap
+
+REARM_S = 0.5
+
+
+async def _upstream_error_body(conn, between_s: float, limit: int = 65536) -> bytes:
+    parts = []
+    size = 0
+    with trio.move_on_after(between_s):
+        while size < limit:
+            data = conn.body_nowait()
+            if data is None:
+                await conn.receive()
+                continue
+            if not data:
+                break
+            parts.append(data)
+            size += len(data)
+    return b"".join(parts)[:limit]
+
+
+def _take(conn, tap, frame) -> tuple[bytes, bool]:
+    """Everything the upstream reader has buffered now, framed for the client; and whether the
+    response is complete."""
+    out = b""
+    while True:
+        data = conn.body_nowait()
+        if data is None:
+            return out, False
+        if not data:
+            return out, True
+        if tap is not None:
+            data = tap.feed(data)
+            if not data:
+                continue
+        out += frame(data)
+
+
+async def relay_response(gw, ds: Downstream, ex: Exchange, tier, conn, response, extra_headers, tap, *,
+                         head_sent: bool = False) -> None:
+    """Relay the response whose head is `response` (http1.ResponseHead); release or discard `conn`.
+    With `head_sent` (a stream that waited for a wake got its 200 head early) only the body is relayed,
+    and an upstream error status becomes an in-band error event."""
+    ex.t_first_byte = time.perf_counter()
+    ex.status = response.status
+    between_s = gw.runtime.config.upstream.between_chunks_s
+    pool = gw.pool
+    ok = False
+    if head_sent:
+        if response.status != 200:
+            try:
+                detail = await _upstream_error_body(conn, between_s)
+            except UpstreamClosed:
+                detail = b""
+            finally:
+                pool.discard(conn)
+            ex.error_type = "upstream_error"
+            message = detail.decode("utf-8", "replace")[:2000] or f"upstream status {response.status}"
+            await end_stream_with_error(ds, errors.ApiError(response.status, message, "server_error",
+                                                            code="upstream_error"))
+            return
+        sse = True
+    else:
+        headers, sse = response_headers(response.headers, ex.request_id, extra_headers)
+    metrics = gw.metrics
+    if sse:
+        metrics.stream_opened()
+    failure = None
+    out = b""
+    frame = ds.frame
+    try:
+        if not head_sent:
+            # Keep the upstream's length only when the bytes pass unchanged.
+            length = response.content_length if (tap is None or not tap.rewrites) else None
+            out = ds.response_head(response.status, headers, length, response.reason)
+        more, complete = _take(conn, tap, frame)
+        out += more
+        if not complete:
+            # One scope for the rest of the relay, only when we must wait; its deadline moves before
+            # each upstream read (between_chunks_s). A client that stops reading is bounded by write_s.
+            with trio.CancelScope() as silence:
+                armed_at = -math.inf
+                rearm_s = min(REARM_S, between_s / 4)
+                while not complete:
+                    if out:
+                        await ds.send_raw(out)
+                        out = b""
+                    # Re-arm at most every rearm_s: the limit is then between between_s - rearm_s
+                    # and between_s, and a stream of many events pays for few deadline changes.
+                    now = trio.current_time()
+                    if now - armed_at > rearm_s:
+                        silence.deadline = now + between_s
+                        armed_at = now
+                    await conn.receive()
+                    more, complete = _take(conn, tap, frame)
+                    out += more
+        if complete:
+            if tap is not None:
+                rest = tap.finish()
+                if rest:
+                    out += frame(rest)
+            out += ds.end()
+            ok = True
+            await ds.send_raw(out)
+            return
+        failure = f"no data for {between_s:g} s"
+        ex.error_type = "upstream_timeout"
+    except UpstreamClosed:
+        failure = "the upstream closed the stream"
+        ex.error_type = "upstream_closed"
+    except ClientGone:
+        pass
+    finally:
+        if sse:
+            metrics.stream_closed()
+        if tap is not None:
+            read_tap(ex, tap)
+        if ok:
+            pool.release(conn)
+        else:
+            pool.discard(conn)
+    if failure is not None:
+        ex.status = 502 if ex.status < 400 else ex.status
+        if sse:
+            try:
+                await ds.send_raw(out + frame(inband_error(
+                    f"The upstream of tier '{tier.name}' failed mid-stream: {failure}.", ex.error_type)))
+            except ClientGone:
+                pass
+        # End without the terminating chunk: the client must see an incomplete response.
+        ds.client_gone = True

@@ -1,0 +1,62 @@
+"""A request with its tier chosen: wait for the tier to wake, reach an upstream, hand over to the relay.
+
+Strategy: the one loop that ties the wake wait (wake_wait.py) to the upstream retry rule
+(upstream/open.py), inside the request's one hard cap (`Exchange.t0` + `hard_cap_s`):
+  tier asleep -> wait (a stream gets its 200 SSE head early and heartbeats) -> open an upstream ->
+  every upstream refused (each already reported to the waker) -> the tier went away under us: wait
+  again, within the same cap -> ... -> relay the response (relay/response.py).
+Errors become the response here: the JSON envelope with the rate-limit and wake headers, or -- once
+an early SSE head is out -- an in-band error event. Only a vanished client's cancellation propagates.
+"""
+
+from __future__ import annotations
+
+import trio
+
+from proxy import errors
+from proxy.accept.downstream import ClientGone, Downstream
+from proxy.exchange import Exchange
+from proxy.relay.inband import end_stream_with_error
+from proxy.relay.response import relay_response
+from proxy.routing.wake_wait import cap_left_s, wait_for_tier, wake_header
+from proxy.upstream.open import open_upstream
+
+
+async def forward_to_tier(gw, ds: Downstream, ex: Exchange, tier, request, body: bytes, extra_headers,
+                          tap) -> None:
+    """Send `body` to `tier` (waking it if needed) and relay the answer; sends exactly one response."""
+    waker = tier.waker
+    try:
+        while True:
+            if waker is not None and not waker.is_ready():
+                tier = await wait_for_tier(gw, ds, ex, tier, stream=ex.stream, extra_headers=extra_headers)
+            try:
+                conn, response = await open_upstream(gw, ex, tier, request, body)
+                break
+            except errors.ApiError as err:
+                # Every upstream refused (each was reported to the waker as it failed): the tier went
+                # away under us -- wait for the waker again, within the same hard cap.
+                if (waker is None or err.code != "upstream_unavailable"
+                        or cap_left_s(ex, waker.settings.hard_cap_s) <= 0):
+                    raise
+                await trio.sleep(min(waker.settings.poll_s, max(0.0, cap_left_s(ex, waker.settings.hard_cap_s))))
+    except errors.ApiError as err:
+        ex.fail(err)
+        if ex.early_head:
+            await end_stream_with_error(ds, err)
+            return
+        err.headers += tuple(extra_headers)
+        wh = wake_header(ex)
+        if wh is not None:
+            err.headers += (wh,)
+        try:
+            await ds.send_error(err, ex.request_id)
+        except ClientGone:
+            pass
+        return
+    except ClientGone:
+        return
+    wh = wake_header(ex)
+    if wh is not None:
+        extra_headers = (*extra_headers, wh)
+    await relay_response(gw, ds, ex, tier, conn, response, extra_headers, tap, head_sent=ex.early_head)

@@ -1,0 +1,66 @@
+"""Routing: model name -> tier, and the tier's upstream addresses in the order to try them.
+
+Strategy: the router is built once per (re)load from the config and its maps are not changed
+afterwards (a reload builds a new one); the hot path does one dict lookup per request. What does
+change under a tier: its round-robin position, and the waker attached once at start (or carried over
+by a reload). A tier rotates its upstream list per request (round robin),
+so a down host is skipped by the caller's retry loop rather than by bookkeeping here. When a tier
+has a waker (ops.waker), the waker is the authority on which upstreams are routable and whether the
+tier is ready; the router only holds it.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import TYPE_CHECKING
+
+from proxy.config import Config, TierConfig, parse_upstream
+
+if TYPE_CHECKING:
+    from ops.waker import Waker
+
+
+@functools.lru_cache(maxsize=1024)
+def _address(url: str) -> tuple[str, int]:
+    return parse_upstream(url, "upstream")
+
+
+class Tier:
+    __slots__ = ("_rr", "auth_header", "config", "models", "name", "pairs", "urls", "waker")
+
+    def __init__(self, config: TierConfig) -> None:
+        self.config = config
+        self.name = config.name
+        self.models = list(config.models)
+        self.urls = list(config.upstreams)
+        self.pairs = [(u, _address(u)) for u in self.urls]
+        self.auth_header = (
+            (b"authorization", b"Bearer " + config.upstream_api_key.encode())
+            if config.upstream_api_key else None
+        )
+        self.waker: Waker | None = None
+        self._rr = 0
+
+    def candidates(self) -> list[tuple[str, tuple[str, int]]]:
+        """(url, address) of the upstreams to try for one request, rotated for round robin."""
+        if self.waker is not None:
+            pairs = [(u, _address(u)) for u in self.waker.upstreams()]
+        else:
+            pairs = self.pairs
+        n = len(pairs)
+        if n <= 1:
+            return pairs
+        self._rr = i = (self._rr + 1) % n
+        return pairs[i:] + pairs[:i]
+
+
+class Router:
+    __slots__ = ("by_model", "model_created", "tiers")
+
+    def __init__(self, config: Config, created: int) -> None:
+        self.tiers = {t.name: Tier(t) for t in config.tiers}
+        self.by_model = {m: tier for tier in self.tiers.values() for m in tier.models}
+        self.model_created = created
+
+    def tier_for(self, model: str) -> Tier | None:
+        return self.by_model.get(model)
