@@ -10,8 +10,8 @@ from backends import probe
 from backends.fleet import FleetSimulator
 from backends.sim.server import SimOptions
 from ops.ec2 import Clients, Ec2
-from tests.ops import aws
-from tests.ops.aws import AMI, client, stopped_instances
+from tests.support import aws
+from tests.support.aws import AMI, client, stopped_instances
 
 moto_url, aws_url = aws.moto_url, aws.aws_url  # fixtures shared with tests/ops
 

@@ -10,7 +10,7 @@ import trio
 
 from proxy.admit import keys
 from proxy.config import TierConfig
-from tests.helpers import make_config, start_gateway, start_sim
+from tests.support.gateway import make_config, start_gateway, start_sim
 from tests.proxy.accept.test_protocol import dead_upstream
 
 TOOLS = [{

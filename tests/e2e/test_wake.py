@@ -17,8 +17,8 @@ import openai
 import pytest
 import trio
 
-from tests.ops import aws
-from tests.ops.cloud import MODELS, TAG, Cloud, cloud, wait_for
+from tests.support import aws
+from tests.support.cloud import MODELS, TAG, Cloud, cloud, wait_for
 from tests.ops.test_interruptions import spot_warning
 
 moto_url, aws_url = aws.moto_url, aws.aws_url  # fixtures

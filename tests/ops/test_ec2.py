@@ -21,7 +21,7 @@ from ops.ec2 import (
     UnavailableError,
     translate,
 )
-from tests.ops.aws import client, states, stopped_instances
+from tests.support.aws import client, states, stopped_instances
 
 FAST = Backoff(attempts=3, base_s=0.01, max_s=0.02)
 

@@ -8,7 +8,7 @@ import trio
 
 from ops.ec2 import Clients
 from ops.interruptions import InterruptionQueue, Notice, parse_notice, poll_notices
-from tests.ops.aws import client
+from tests.support.aws import client
 
 
 def spot_warning(instance_id: str, action: str = "terminate") -> str:

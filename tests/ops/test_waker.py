@@ -13,7 +13,7 @@ import pytest
 import trio
 
 from ops.waker import TierState, WakeQueueFull
-from tests.ops.cloud import MODELS, cloud, wait_for
+from tests.support.cloud import MODELS, cloud, wait_for
 from tests.ops.test_interruptions import spot_warning
 
 

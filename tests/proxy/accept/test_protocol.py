@@ -7,7 +7,7 @@ import socket
 import msgspec
 import trio
 
-from tests.helpers import error_of, make_config, raw_request, split_response, start_gateway, start_sim
+from tests.support.gateway import error_of, make_config, raw_request, split_response, start_gateway, start_sim
 
 CHAT = b'{"model":"sim-chat","messages":[{"role":"user","content":"hi"}]}'
 

@@ -8,7 +8,7 @@ import socket
 import pytest
 import trio
 
-from tests.helpers import error_of, make_config, raw_request, split_response, start_gateway, start_sim
+from tests.support.gateway import error_of, make_config, raw_request, split_response, start_gateway, start_sim
 from tests.proxy.accept.test_protocol import CHAT, dead_upstream, post
 
 STREAM = b'{"model":"sim-chat","stream":true,"max_tokens":40,"messages":[{"role":"user","content":"hi"}]}'

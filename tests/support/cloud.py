@@ -16,7 +16,7 @@ from backends.sim.server import SimOptions
 from ops.ec2 import Clients, Ec2
 from ops.settings import WakeConfig
 from ops.waker import Waker
-from tests.ops.aws import AMI, client, stopped_instances
+from tests.support.aws import AMI, client, stopped_instances
 
 TAG = "spotinference:upstream"
 MODELS = ["chat-a", "chat-b"]

@@ -4,7 +4,7 @@ Strategy: one ThreadedMotoServer per test session (moto keeps its state in proce
 so each test starts from `POST /moto-api/reset`). boto3 is never mocked: it signs and sends real HTTP
 to the emulator, or to an `ApiTap` in front of it. Credentials are fake and set in the environment;
 shared config files and the instance-metadata lookup are switched off so no real account is touched.
-Import the fixtures into a test module to use them (`from tests.ops.aws import aws_url`).
+tests/conftest.py registers the fixtures for every test.
 """
 
 from __future__ import annotations
