@@ -14,6 +14,7 @@ import openai
 import pydantic
 import pytest
 
+from proxy.admit.schema_errors import param_from_path
 from proxy.admit.schemas import (
     DECODERS,
     AssistantMessage,
@@ -26,7 +27,6 @@ from proxy.admit.schemas import (
     decode_chat,
     decode_completion,
     decode_embedding,
-    param_from_path,
 )
 from proxy.errors import ApiError
 
