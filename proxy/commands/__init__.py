@@ -1,0 +1,1 @@
+"""The `spotinference` command line: the dispatcher and the gateway's own subcommands."""

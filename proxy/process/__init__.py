@@ -1,0 +1,2 @@
+"""One gateway process's life (services, signals, reload, drain) and `--workers N` (the supervisor
+and its workers)."""
