@@ -1,3 +1,5 @@
-"""Fixtures for the whole suite: moto's server mode with fake credentials (tests/support/aws.py)."""
+"""Fixtures for the whole suite: moto's server mode with fake credentials (tests/support/aws.py) and
+refusing upstream addresses (tests/support/refusing.py)."""
 
 from tests.support.aws import aws_url, moto_url  # noqa: F401  (fixtures)
+from tests.support.refusing import dead_upstream  # noqa: F401  (fixture)

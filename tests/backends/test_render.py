@@ -12,6 +12,7 @@ import yaml
 from backends.render import render, vllm_argv
 from backends.settings import BackendConfig
 from proxy.commands import backend as cmd_backend
+from tests.support.systemd import verify_units
 
 BACKEND = BackendConfig(model="Qwen/Qwen3-Coder-30B-A3B-Instruct", max_model_len=32768,
                         gpu_memory_utilization=0.92, api_key_env="TIER_KEY", vllm_version="0.11.0",
@@ -148,8 +149,6 @@ def test_cli_render_missing_file(tmp_path, capsys) -> None:
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
 def test_systemd_analyze_accepts_the_rendered_units(tmp_path) -> None:
-    from tests.ops.test_systemd import verify_units
-
     art = render("h100x2", ["qwen3-coder"], BACKEND)
     vllm, agent = tmp_path / "vllm.service", tmp_path / "spotinference-spot-agent.service"
     vllm.write_text(art.unit)

@@ -1,15 +1,16 @@
-"""`spotinference sim` as a user runs it: a real child process, its one stdout line, SIGTERM -> 0."""
+"""`spotinference sim` as a user runs it: a real child process (tests/support/processes.py), its one
+stdout line, SIGTERM -> 0."""
 
 from __future__ import annotations
 
 import signal
-import subprocess
 import sys
 
 import pytest
 import trio
 
 from backends.sim.cli import _parser, main, options_from
+from tests.support.processes import started
 
 
 def test_flags_map_onto_options() -> None:
@@ -27,28 +28,18 @@ def test_flags_map_onto_options() -> None:
     assert main(["--listen", "127.0.0.1:0", "--tokens-per-s", "-1"]) == 2
 
 
-async def test_cli_prints_the_bound_address_and_exits_zero_on_sigterm() -> None:
-    with trio.fail_after(20):
-        process = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "backends.sim.cli", "--listen", "127.0.0.1:0"],
-            stdout=subprocess.PIPE)
-        try:
-            assert process.stdout is not None
-            line = b""
-            while not line.endswith(b"\n"):
-                chunk = await process.stdout.receive_some()
-                assert chunk, "the simulator exited before printing its address"
-                line += chunk
-            prefix = b"spotinference sim listening on http://127.0.0.1:"
+async def test_cli_prints_the_bound_address_and_exits_zero_on_sigterm(tmp_path) -> None:
+    with trio.fail_after(30):
+        async with started([sys.executable, "-m", "backends.sim.cli", "--listen", "127.0.0.1:0"], tmp_path,
+                           "sim") as process:
+            line = process.stdout().splitlines()[0]  # the first line it printed
+            prefix = "spotinference sim listening on http://127.0.0.1:"
             assert line.startswith(prefix)
             port = int(line[len(prefix):])
+            assert port == process.port
             stream = await trio.open_tcp_stream("127.0.0.1", port)
             async with stream:
                 await stream.send_all(b"GET /health HTTP/1.1\r\nHost: sim\r\n\r\n")
                 assert (await stream.receive_some()).startswith(b"HTTP/1.1 200 OK")
-            process.send_signal(signal.SIGTERM)
-            assert await process.wait() == 0
-        finally:
-            if process.returncode is None:
-                process.kill()
-                await process.wait()
+            process.send(signal.SIGTERM)
+            assert await trio.to_thread.run_sync(process.wait, 15) == 0, process.logs()

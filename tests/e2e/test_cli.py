@@ -1,69 +1,33 @@
-"""The real `spotinference` command, as an operator runs it."""
+"""The real `spotinference` command, as an operator runs it.
+
+Long-running commands (`serve`, `sim`) run under tests/support/processes.py: stdout and stderr to files,
+the URL from the `listening on` line, stopped (bounded, then killed) however the test ends.
+"""
 
 from __future__ import annotations
 
-import os
-import re
-import select
-import signal
 import subprocess
-import sys
-import time
 
 import openai
 import pytest
 
-SPOT = [sys.executable, "-m", "proxy"]
+from tests.support.processes import SPOT, start
 
 
 def run(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
     return subprocess.run([*SPOT, *args], capture_output=True, text=True, timeout=timeout, check=False)
 
 
-class Served:
-    """`spotinference serve ...` in a subprocess; the URL read from its stdout line."""
-
-    def __init__(self, *args: str) -> None:
-        self.proc = subprocess.Popen([*SPOT, "serve", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True, start_new_session=True)
-        deadline = time.monotonic() + 20
-        self.url = None
-        while time.monotonic() < deadline and self.url is None:
-            ready, _, _ = select.select([self.proc.stdout], [], [], 0.5)
-            if ready:
-                line = self.proc.stdout.readline()
-                if not line:
-                    break
-                m = re.search(r"listening on (http://\S+)", line)
-                if m:
-                    self.url = m.group(1)
-        if self.url is None:
-            self.stop()
-            raise AssertionError(f"serve did not start: {self.proc.stderr.read()}")
-
-    def stop(self, sig=signal.SIGTERM) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                return self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                return self.proc.wait(timeout=5)
-        return self.proc.returncode
-
-
-def test_serve_embedded_default_answers_the_sdk():
-    served = Served("--listen", "127.0.0.1:0")
-    try:
+def test_serve_embedded_default_answers_the_sdk(tmp_path):
+    with start([*SPOT, "serve", "--listen", "127.0.0.1:0"], tmp_path, "serve") as served:
         c = openai.OpenAI(base_url=served.url + "/v1", api_key="none", max_retries=0, timeout=10)
         resp = c.chat.completions.create(model="sim-chat", messages=[{"role": "user", "content": "Say hello."}])
         assert resp.choices[0].message.content
         text = "".join(ch.choices[0].delta.content or "" for ch in c.chat.completions.create(
             model="sim-chat", stream=True, messages=[{"role": "user", "content": "Say hello."}]) if ch.choices)
         assert text
-    finally:
-        assert served.stop() == 0
-    logs = served.proc.stderr.read()
+        assert served.stop() == 0, served.logs()
+    logs = served.stderr()
     assert "Say hello" not in logs  # never a prompt in the logs
 
 
@@ -75,28 +39,20 @@ def test_keys_cli_and_authenticated_serve(tmp_path):
     assert secret.startswith("sk-si-") and secret not in keys_file.read_text()
     listed = run("keys", "list", "--keys-file", str(keys_file))
     assert "alice" in listed.stdout and secret not in listed.stdout
-    sim = subprocess.Popen([*SPOT, "sim", "--listen", "127.0.0.1:0"], stdout=subprocess.PIPE, text=True)
-    try:
-        line = sim.stdout.readline()
-        sim_url = re.search(r"(http://\S+)", line).group(1)
+    with start([*SPOT, "sim", "--listen", "127.0.0.1:0"], tmp_path, "sim") as sim:
         cfg = tmp_path / "gw.toml"
         cfg.write_text(f'[server]\nlisten = "127.0.0.1:0"\n[auth]\nkeys_file = "keys.toml"\n'
-                       f'[[tiers]]\nname = "local"\nupstreams = ["{sim_url}"]\nmodels = ["sim-chat"]\n')
+                       f'[[tiers]]\nname = "local"\nupstreams = ["{sim.url}"]\nmodels = ["sim-chat"]\n')
         assert run("check-config", str(cfg)).returncode == 0
-        served = Served("--config", str(cfg))
-        try:
+        with start([*SPOT, "serve", "--config", str(cfg)], tmp_path, "serve") as served:
             ok = openai.OpenAI(base_url=served.url + "/v1", api_key=secret, max_retries=0, timeout=10)
             assert ok.chat.completions.create(model="sim-chat", messages=[{"role": "user", "content": "x"}]).choices
             bad = openai.OpenAI(base_url=served.url + "/v1", api_key="sk-si-nope", max_retries=0, timeout=10)
             with pytest.raises(openai.AuthenticationError):
                 bad.models.list()
-        finally:
-            assert served.stop() == 0
-        logs = served.proc.stderr.read()
+            assert served.stop() == 0, served.logs()
+        logs = served.stderr()
         assert secret not in logs and "alice" in logs
-    finally:
-        sim.terminate()
-        sim.wait(timeout=10)
     assert run("keys", "revoke", "alice", "--keys-file", str(keys_file)).returncode == 0
     assert "revoked" in run("keys", "list", "--keys-file", str(keys_file)).stdout
 

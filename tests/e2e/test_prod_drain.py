@@ -6,7 +6,7 @@ SDK clients making back-to-back requests on their keep-alive connections, each r
 gateway sees them) and sends SIGTERM in the middle of that; the first refused connection is noted with
 the number of streams still in flight. Afterwards the usage table is compared with what every client
 saw: a request that got an HTTP answer has exactly one row with that status and vLLM's counts; a
-request refused at the TCP level never reached the gateway and has none. Helpers: test_production.py.
+request refused at the TCP level never reached the gateway and has none. Helpers: tests/support/production.py.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from collections.abc import Callable
 import openai
 import pytest
 
-from tests.e2e.test_production import (
+from tests.support.production import (
     ASK,
     by_request_id,
     client,

@@ -20,7 +20,7 @@ import time
 import openai
 import pytest
 
-from tests.e2e.test_production import ASK, add_key, client, gateway, sim, worker_of, write_config
+from tests.support.production import ASK, add_key, client, gateway, sim, worker_of, write_config
 
 _UNIT = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
 

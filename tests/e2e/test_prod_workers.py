@@ -1,11 +1,11 @@
 """Issue 4 acceptance: metrics over two workers, reload on SIGHUP, a SIGKILLed worker replaced.
 
-Strategy: the real supervisor (`serve --workers 2`) and the OpenAI SDK, as in test_production.py (whose
-helpers this reuses). Which worker answered is read from the request id's per-process prefix; worker
-pids are the supervisor's children in /proc. Readiness is the workers' own `gateway_listening` log
-events (each worker installs its signal handlers before it listens), never a sleep. Counts are exact:
-the scrape's own request is counted only after it has been rendered, so a scrape shows every earlier
-request, scrapes included, and nothing else.
+Strategy: the real supervisor (`serve --workers 2`) and the OpenAI SDK, as in test_production.py (the
+helpers are tests/support/production.py's). Which worker answered is read from the request id's
+per-process prefix; worker pids are the supervisor's children in /proc. Readiness is the workers' own
+`gateway_listening` log events (each worker installs its signal handlers before it listens), never a
+sleep. Counts are exact: the scrape's own request is counted only after it has been rendered, so a
+scrape shows every earlier request, scrapes included, and nothing else.
 """
 
 from __future__ import annotations
@@ -14,19 +14,19 @@ import os
 import signal
 import threading
 
-import httpx
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.test_production import (
+from tests.support.production import (
     ASK,
     add_key,
+    by_label,
     children,
     client,
     gateway,
     revoke_key,
     run_threads,
+    scrape,
     sim,
     wait_for,
     worker_of,
@@ -36,25 +36,6 @@ from tests.e2e.test_production import (
 
 def ready(gw, workers: int) -> None:
     wait_for(lambda: len(gw.events("gateway_listening")) >= workers, f"{workers} workers listening", timeout=30)
-
-
-def scrape(gw) -> dict[str, dict]:
-    """One GET /metrics on a fresh connection -> {family name: {label tuple: value}}."""
-    r = httpx.get(gw.url + "/metrics", timeout=10, headers={"connection": "close"})
-    assert r.status_code == 200
-    out: dict[str, dict] = {}
-    for fam in text_string_to_metric_families(r.text):
-        for s in fam.samples:
-            out.setdefault(s.name, {})[tuple(sorted(s.labels.items()))] = s.value
-    return out
-
-
-def by_label(samples: dict, label: str) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for labels, value in samples.items():
-        key = dict(labels)[label]
-        out[key] = out.get(key, 0) + value
-    return out
 
 
 # -- 4. one scrape covers both workers -----------------------------------------------------------------
@@ -107,7 +88,7 @@ def test_one_scrape_counts_every_request_of_both_workers(tmp_path):
             # scrape that races that instant is repeated (bounded) -- each repeat is itself counted.
             scrapes = 0
             for _ in range(20):
-                m = scrape(gw)
+                m = scrape(gw.url)
                 requests = m.get("spotinference_requests_total", {})
                 endpoints = by_label(requests, "endpoint")
                 assert endpoints.get("metrics", 0) == scrapes  # the earlier scrapes, not this one

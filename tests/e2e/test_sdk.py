@@ -11,7 +11,6 @@ import trio
 from proxy.admit import keys
 from proxy.config import TierConfig
 from tests.support.gateway import make_config, start_gateway, start_sim
-from tests.proxy.accept.test_protocol import dead_upstream
 
 TOOLS = [{
     "type": "function",
@@ -133,7 +132,7 @@ async def test_completions_embeddings_and_models(open_gateway):
     assert one.id == "sim-chat"
 
 
-async def test_sdk_error_classes(nursery, tmp_path):
+async def test_sdk_error_classes(nursery, tmp_path, dead_upstream):
     _sim, url = await start_sim(nursery, max_model_len=64)
     keys_file = tmp_path / "keys.toml"
     good = keys.add(keys_file, "alice")

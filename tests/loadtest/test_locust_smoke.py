@@ -1,7 +1,7 @@
 """Smoke test of loadtest/locustfile.py: a 5-second headless locust run against a sim and the gateway.
 
 Strategy: start `spotinference sim` and `spotinference serve` as subprocesses on port 0 (readiness
-from their own stdout line), run locust headless with --host at the gateway and LOADTEST_DIRECT_HOST
+from their own stdout line; tests/support/processes.py runs them, and locust), run locust headless with --host at the gateway and LOADTEST_DIRECT_HOST
 at the sim, so one run covers both sides, then read the CSV: every request name of the mix is there
 with requests and no failures, including the separate "chat stream TTFB" metric. No timing checks.
 """
@@ -11,14 +11,13 @@ from __future__ import annotations
 import csv
 import importlib.util
 import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 from loadtest import procs
+from tests.support.processes import run_to_end, start
 
 # Never import locust here: it monkey-patches the whole process with gevent (ssl included), which
 # breaks every test that runs after it. It runs in its own subprocess below.
@@ -30,34 +29,19 @@ NAMES = ("chat", "chat stream", "chat stream TTFB", "embeddings")
 
 
 def test_locust_headless_against_sim_and_gateway(tmp_path):
-    started: list[procs.Proc] = []
-    try:
-        sim = procs.launch("sim", procs.sim_argv(latency_ms=2, ttft_ms=2, tokens_per_s=500), tmp_path)
-        started.append(sim)
-        procs.wait_ready(sim)
-        gateway = procs.launch_gateway("gateway", [sim.url], tmp_path)
-        started.append(gateway)
-        procs.wait_ready(gateway)
+    config = tmp_path / "gateway.toml"
+    with start(procs.sim_argv(latency_ms=2, ttft_ms=2, tokens_per_s=500), tmp_path, "sim") as sim:
+        config.write_text(procs.gateway_config([sim.url]))
+        with start(procs.gateway_argv(config), tmp_path, "gateway") as gateway:
+            csv_prefix = tmp_path / "locust"
+            argv = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "-u", "6", "-r", "6",
+                    "-t", "5s", "--host", gateway.url, "--csv", str(csv_prefix), "--only-summary",
+                    "--stop-timeout", "5"]
+            env = {**os.environ, "LOADTEST_DIRECT_HOST": sim.url, "LOADTEST_LABEL": "gateway",
+                   "LOADTEST_MAX_TOKENS": "8"}
+            locust = run_to_end(argv, tmp_path, "locust", timeout=120, env=env, cwd=tmp_path)
 
-        csv_prefix = tmp_path / "locust"
-        argv = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "-u", "6", "-r", "6",
-                "-t", "5s", "--host", gateway.url, "--csv", str(csv_prefix), "--only-summary",
-                "--stop-timeout", "5"]
-        env = {**os.environ, "LOADTEST_DIRECT_HOST": sim.url, "LOADTEST_LABEL": "gateway",
-               "LOADTEST_MAX_TOKENS": "8"}
-        proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True, cwd=tmp_path)
-        try:
-            output, _ = proc.communicate(timeout=120)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.communicate()
-    finally:
-        for p in reversed(started):
-            p.stop()
-
-    assert proc.returncode == 0, output[-3000:]
+    assert locust.returncode == 0, locust.logs()
     with open(f"{csv_prefix}_stats.csv", newline="") as f:
         stats = {row["Name"]: row for row in csv.DictReader(f)}
     for side in ("gateway", "direct"):

@@ -12,42 +12,39 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
 
 from loadtest import procs
+from tests.support.processes import Proc, run_to_end
 
 RUN_TIMEOUT_S = 300
 
 
-def _run_quick(tmp_path) -> tuple[subprocess.CompletedProcess, dict | None]:
+def _run_quick(tmp_path) -> tuple[Proc, dict | None]:
+    """The harness run to completion under tests/support/processes.py (stdout and stderr to files, never
+    an unread pipe; its process group killed if it overstays)."""
     out = tmp_path / "bench.json"
     workdir = tmp_path / "work"
     argv = [sys.executable, "-m", "proxy", "bench", "overhead", "--quick", "--json", str(out),
             "--workdir", str(workdir)]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
     try:
-        stdout, stderr = proc.communicate(timeout=RUN_TIMEOUT_S)
+        done = run_to_end(argv, tmp_path, "bench", timeout=RUN_TIMEOUT_S)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
         for pid in procs.marked_pids(workdir):  # children die with the harness; make sure of it
             os.kill(pid, signal.SIGKILL)
-    done = subprocess.CompletedProcess(argv, proc.returncode, stdout, stderr)
     return done, (json.loads(out.read_text()) if out.exists() else None)
 
 
 def test_quick_mode_runs_clean_and_reports(tmp_path):
     done, report = _run_quick(tmp_path)
-    assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    assert done.returncode == 0, done.logs()
     assert procs.marked_pids(tmp_path / "work") == [], "a process of the run outlived it"
 
     # The one table and its verdict line.
-    assert "spotinference bench overhead" in done.stdout
-    assert "+gateway" in done.stdout
-    assert "errors: 0" in done.stdout
+    stdout = done.stdout()
+    assert "spotinference bench overhead" in stdout
+    assert "+gateway" in stdout
+    assert "errors: 0" in stdout
 
     assert report is not None
     assert report["errors"] == 0

@@ -1,9 +1,9 @@
 """Parity between the gateway and its own upstream called directly: the gateway must change nothing.
 
 A simulated vLLM runs in-process on the test's loop; the real `spotinference serve` runs as a
-subprocess in front of it (started and stopped by loadtest.procs, which waits for its `listening on`
-line). A = through the gateway, B = the sim directly: every case must match exactly, with equal
-token counts and full tool-call and structured-output validity on both sides. Latency is reported
+subprocess in front of it (started and stopped by tests/support/processes.py, which waits for its
+`listening on` line). A = through the gateway, B = the sim directly: every case must match exactly,
+with equal token counts and full tool-call and structured-output validity on both sides. Latency is reported
 but not asserted (no speed thresholds in tests). Skips until the gateway and the sim exist.
 """
 
@@ -17,6 +17,7 @@ import pytest
 import trio
 
 from loadtest import parity
+from tests.support.processes import started
 
 if importlib.util.find_spec("proxy.gateway") is None:
     pytest.skip("the gateway (proxy/gateway.py) is not there yet", allow_module_level=True)
@@ -39,16 +40,12 @@ async def test_gateway_and_direct_upstream_are_identical(tmp_path: Path) -> None
             direct = f"http://{host}:{port}"
             config = tmp_path / "gateway.toml"
             config.write_text(procs.gateway_config([direct], models=("sim-chat",)))
-            gateway = procs.launch("gateway", procs.gateway_argv(config), tmp_path)
-            try:
-                await trio.to_thread.run_sync(procs.wait_ready, gateway, 30.0)
+            async with started(procs.gateway_argv(config), tmp_path, "gateway") as gateway:
                 argv = ["--a", gateway.url, "--b", direct, "--golden", str(golden), "--out", str(tmp_path / "out"),
                         "--json", str(report_path), "--model-a", "sim-chat", "--model-b", "sim-chat"]
                 rc = await trio.to_thread.run_sync(parity.main, argv)
-            finally:
-                await trio.to_thread.run_sync(gateway.stop)
             nursery.cancel_scope.cancel()
-    assert rc == 0, gateway.log_tail()
+    assert rc == 0, gateway.logs()
     report = json.loads(report_path.read_text())
     a, b, cmp = report["a"], report["b"], report["comparison"]
     assert a["url"] == gateway.url + "/v1" and b["url"] == direct + "/v1"

@@ -17,8 +17,7 @@ import pytest
 import trio
 
 from loadtest import throughput
-
-STREAMS, REQUESTS, TOKENS = 8, 8, 128  # one wave of 8 concurrent streams
+from tests.support.throughput_figures import REQUESTS, STREAMS, TOKENS, check_figures
 
 
 async def _sim(nursery: trio.Nursery, rate: float, model: str = "sim-chat") -> str:
@@ -26,22 +25,6 @@ async def _sim(nursery: trio.Nursery, rate: float, model: str = "sim-chat") -> s
     options = sim_server.SimOptions(models=(model,), tokens_per_s=rate, ttft_ms=20.0)
     host, port = await nursery.start(sim_server.SimServer(options).serve, "127.0.0.1", 0)
     return f"http://{host}:{port}"
-
-
-def check_figures(fig: dict, rate: float, model: str = "sim-chat") -> None:
-    """Shared with the through-the-gateway test: the figures a correct run must show."""
-    decode = fig["decode_tokens_per_s"]
-    assert (fig["ok"], fig["errors"], fig["model"]) == (REQUESTS, 0, model)
-    assert decode["streams"] == REQUESTS
-    assert decode["median"] == pytest.approx(rate, rel=0.02)
-    assert decode["p5"] == pytest.approx(rate, rel=0.05) and decode["p95"] == pytest.approx(rate, rel=0.05)
-    tc = fig["token_count"]
-    assert tc == {"events": REQUESTS * TOKENS, "usage": REQUESTS * TOKENS, "streams_without_usage": 0,
-                  "mismatched_streams": 0}
-    assert fig["completion_tokens"] == REQUESTS * TOKENS
-    assert fig["itl_ms"]["p50"] == pytest.approx(1000.0 / rate, rel=0.1)
-    assert fig["ttft_ms"]["p50"] >= 20.0
-    assert fig["aggregate_tokens_per_s"] > 0
 
 
 @pytest.mark.parametrize("rate", [118.9, 106.6])

@@ -3,7 +3,8 @@
 Two simulated vLLM servers run in-process (118.9 tokens/s as the dual-H100 tier, 106.6 as the
 dual-A100 tier), the real `spotinference serve` runs as a subprocess with one tier for each, and
 `spotinference bench throughput` (throughput.main, in a worker thread) must report each tier's rate
-within 2 %, as it does directly (test_throughput). Skips until the gateway and the sim exist.
+within 2 %, as it does directly (test_throughput; the figures are tests/support/throughput_figures.py's).
+The gateway runs under tests/support/processes.py. Skips until the gateway and the sim exist.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import pytest
 import trio
 
 from loadtest import throughput
-from tests.loadtest.test_throughput import REQUESTS, STREAMS, TOKENS, check_figures
+from tests.support.processes import started
+from tests.support.throughput_figures import REQUESTS, STREAMS, TOKENS, check_figures
 
 if importlib.util.find_spec("proxy.gateway") is None:
     pytest.skip("the gateway (proxy/gateway.py) is not there yet", allow_module_level=True)
@@ -44,18 +46,14 @@ async def test_gateway_tiers_report_the_simulators_decode_rates_within_2_percent
                 upstreams[model] = f"http://{host}:{port}"
             config = tmp_path / "gateway.toml"
             config.write_text(_config(upstreams))
-            gateway = procs.launch("gateway", procs.gateway_argv(config), tmp_path)
-            try:
-                await trio.to_thread.run_sync(procs.wait_ready, gateway, 30.0)
+            async with started(procs.gateway_argv(config), tmp_path, "gateway") as gateway:
                 for _, model, _ in TIERS:
                     out = tmp_path / f"{model}.json"
                     argv = ["--url", gateway.url, "--model", model, "--concurrency", str(STREAMS), "--requests",
                             str(REQUESTS), "--max-tokens", str(TOKENS), "--warmup", "1", "--json", str(out)]
                     rc = await trio.to_thread.run_sync(throughput.main, argv)
-                    assert rc == 0, gateway.log_tail()
+                    assert rc == 0, gateway.logs()
                     figures[model] = json.loads(out.read_text())
-            finally:
-                await trio.to_thread.run_sync(gateway.stop)
             nursery.cancel_scope.cancel()
     for _, model, rate in TIERS:
         assert figures[model]["url"] == gateway.url + "/v1"

@@ -9,27 +9,7 @@ import trio
 from ops.ec2 import Clients
 from ops.interruptions import InterruptionQueue, Notice, parse_notice, poll_notices
 from tests.support.aws import client
-
-
-def spot_warning(instance_id: str, action: str = "terminate") -> str:
-    """The event EventBridge delivers ~2 minutes before a spot interruption (EC2 user guide shape)."""
-    return json.dumps({
-        "version": "0", "id": "1e5527d7-bb36-4607-3370-4164db56a40e",
-        "detail-type": "EC2 Spot Instance Interruption Warning", "source": "aws.ec2",
-        "account": "123456789012", "time": "2026-11-22T01:00:00Z", "region": "us-east-1",
-        "resources": [f"arn:aws:ec2:us-east-1:123456789012:instance/{instance_id}"],
-        "detail": {"instance-id": instance_id, "instance-action": action},
-    })
-
-
-def rebalance(instance_id: str) -> str:
-    return json.dumps({
-        "version": "0", "id": "0d0e5ec0-2d1c-4b4a-8e0e-5a0a7f3c0a11",
-        "detail-type": "EC2 Instance Rebalance Recommendation", "source": "aws.ec2",
-        "account": "123456789012", "time": "2026-11-22T01:00:00Z", "region": "us-east-1",
-        "resources": [f"arn:aws:ec2:us-east-1:123456789012:instance/{instance_id}"],
-        "detail": {"instance-id": instance_id},
-    })
+from tests.support.notices import rebalance, spot_warning
 
 
 def test_parse_spot_warning_and_rebalance() -> None:
@@ -55,25 +35,40 @@ def test_parse_rejects_everything_else() -> None:
         assert parse_notice(body) is None, body
 
 
+class _WatchedQueue(InterruptionQueue):
+    """The real queue, counting the receives that came back empty (each in the poller's thread)."""
+
+    empty_receives = 0
+
+    def receive(self, wait_s: int):
+        got = super().receive(wait_s)
+        if not got:
+            self.empty_receives += 1
+        return got
+
+
 async def test_poller_hands_over_ours_and_deletes_handled(aws_url: str) -> None:
     sqs = client(aws_url, "sqs")
     url = sqs.create_queue(QueueName="interruptions")["QueueUrl"]
     for body in (spot_warning("i-0000000000000000a"), rebalance("i-0000000000000000b"), "junk"):
         sqs.send_message(QueueUrl=url, MessageBody=body)
     seen: list[Notice] = []
+    queue = _WatchedQueue(Clients("us-east-1", aws_url), url)
+    empty_before_last_notice: list[int] = []
 
     def handle(notice: Notice) -> bool:
         seen.append(notice)
+        empty_before_last_notice[:] = [queue.empty_receives]
         return notice.instance_id == "i-0000000000000000a"  # the other one belongs to another tier
 
-    queue = InterruptionQueue(Clients("us-east-1", aws_url), url)
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(lambda: poll_notices(queue, handle, limiter=trio.CapacityLimiter(1),
                                                     wait_s=0, poll_s=0.05))
-            while len(seen) < 2:
+            # The poller deletes a batch before it receives again, so a receive that finds the queue
+            # empty after both notices were handed over comes after every deletion it was going to make.
+            while len(seen) < 2 or queue.empty_receives <= empty_before_last_notice[0]:
                 await trio.sleep(0.05)
-            await trio.sleep(0.2)
             nursery.cancel_scope.cancel()
     assert sorted(n.kind for n in seen) == ["interruption", "rebalance"]
     attrs = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["ApproximateNumberOfMessages",

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from proxy.config import ServerConfig
+from tests.support.systemd import verify_units
 
 UNITS = Path(__file__).resolve().parents[2] / "ops" / "systemd"
 
@@ -46,16 +47,6 @@ def test_sysusers_declares_the_dedicated_user() -> None:
     lines = [x for x in (UNITS / "spotinference.sysusers.conf").read_text().splitlines()
              if x and not x.startswith("#")]
     assert lines == ['u spotinference - "spotinference gateway" /var/lib/spotinference /usr/sbin/nologin']
-
-
-def verify_units(paths: list[Path]) -> list[str]:
-    """`systemd-analyze verify` findings, minus 'not executable' (nothing is installed in a test)."""
-    import subprocess
-
-    proc = subprocess.run(["systemd-analyze", "verify", *map(str, paths)], capture_output=True, text=True,
-                          timeout=30, check=False)
-    return [line for line in (proc.stdout + proc.stderr).splitlines()
-            if line.strip() and "is not executable" not in line]
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")

@@ -14,6 +14,15 @@ from proxy.config import AuthConfig, Config, ServerConfig, TierConfig, UpstreamC
 from proxy.gateway import Gateway, build_runtime
 from proxy.process.services import run_gateway
 
+CHAT = b'{"model":"sim-chat","messages":[{"role":"user","content":"hi"}]}'
+"""The smallest valid chat completion request body for the simulated vLLM's `sim-chat`."""
+
+
+def post(body: bytes, *, path: bytes = b"/v1/chat/completions", extra: bytes = b"") -> bytes:
+    """A complete HTTP/1.1 POST of JSON `body` to `path`; `extra` is raw header lines (each ending CRLF)."""
+    return (b"POST " + path + b" HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" + extra
+            + b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+
 
 async def start_sim(nursery: trio.Nursery, **options) -> tuple[SimServer, str]:
     server = SimServer(SimOptions(**options))
@@ -67,6 +76,56 @@ async def raw_request(port: int, data: bytes, *, read_timeout: float = 5.0) -> b
                     break
                 chunks.append(chunk)
         return b"".join(chunks)
+
+
+async def one_response(port: int, data: bytes) -> bytes:
+    """Send `data` on a new connection and return exactly one response, read by its own framing
+    (Content-Length, chunked, or until the server closes): never by waiting for silence, so the answer
+    is complete however slow the machine. The caller's `trio.fail_after` bounds the wait."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(data)
+        buf = b""
+
+        async def more() -> bool:
+            nonlocal buf
+            chunk = await stream.receive_some(65536)
+            buf += chunk
+            return bool(chunk)
+
+        while b"\r\n\r\n" not in buf:
+            if not await more():
+                return buf  # closed before a whole head: the caller's parse shows what came
+        head, _, _ = buf.partition(b"\r\n\r\n")
+        _, headers, _ = split_response(head + b"\r\n\r\n")
+        size = len(head) + 4
+        if "content-length" in headers:
+            while len(buf) < size + int(headers["content-length"]):
+                if not await more():
+                    break
+            return buf[:size + int(headers["content-length"])]
+        if "chunked" in headers.get("transfer-encoding", ""):
+            while not _chunked_complete(buf[size:]):
+                if not await more():
+                    break
+            return buf
+        while await more():
+            pass
+        return buf
+
+
+def _chunked_complete(body: bytes) -> bool:
+    """Whether `body` holds a whole chunked body (up to the last chunk and the empty trailer line)."""
+    while True:
+        line, sep, rest = body.partition(b"\r\n")
+        if not sep:
+            return False
+        size = int(line.split(b";")[0], 16)
+        if size == 0:
+            return rest.startswith(b"\r\n")  # no trailers from the gateway
+        if len(rest) < size + 2:
+            return False
+        body = rest[size + 2:]
 
 
 def split_response(raw: bytes) -> tuple[int, dict[str, str], bytes]:

@@ -1,31 +1,29 @@
-"""The downstream HTTP/1.1 side over real sockets: framing, limits, timeouts and abuse cases."""
+"""The downstream HTTP/1.1 side over real sockets: framing, limits, timeouts and abuse cases.
+
+A tier whose upstream does not matter points at `dead_upstream()` (tests/support/refusing.py): an
+address that refuses connections for the whole test. Responses are read to the end of their framing or
+to the server's close, never "until a pause".
+"""
 
 from __future__ import annotations
-
-import socket
 
 import msgspec
 import trio
 
-from tests.support.gateway import error_of, make_config, raw_request, split_response, start_gateway, start_sim
-
-CHAT = b'{"model":"sim-chat","messages":[{"role":"user","content":"hi"}]}'
-
-
-def post(body: bytes, *, path: bytes = b"/v1/chat/completions", extra: bytes = b"") -> bytes:
-    return (b"POST " + path + b" HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" + extra
-            + b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-
-
-def dead_upstream() -> str:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()  # nothing listens there now: connection refused
-    return f"http://127.0.0.1:{port}"
+from tests.support.gateway import (
+    CHAT,
+    error_of,
+    make_config,
+    one_response,
+    post,
+    raw_request,
+    split_response,
+    start_gateway,
+    start_sim,
+)
 
 
-async def test_garbage_gets_400_and_close(nursery):
+async def test_garbage_gets_400_and_close(nursery, dead_upstream):
     gw = await start_gateway(nursery, make_config([dead_upstream()]))
     with trio.fail_after(5):
         raw = await raw_request(gw.port, b"\x16\x03\x01 hello not http\r\n\r\n")
@@ -35,7 +33,7 @@ async def test_garbage_gets_400_and_close(nursery):
     assert headers["connection"] == "close"
 
 
-async def test_head_too_large_gets_431(nursery):
+async def test_head_too_large_gets_431(nursery, dead_upstream):
     gw = await start_gateway(nursery, make_config([dead_upstream()], server={"max_head_bytes": 4096}))
     big = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 8000 + b"\r\n\r\n"
     with trio.fail_after(5):
@@ -43,7 +41,7 @@ async def test_head_too_large_gets_431(nursery):
     assert split_response(raw)[0] == 431
 
 
-async def test_content_length_and_transfer_encoding_together_is_400(nursery):
+async def test_content_length_and_transfer_encoding_together_is_400(nursery, dead_upstream):
     gw = await start_gateway(nursery, make_config([dead_upstream()]))
     req = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
            b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
@@ -54,7 +52,7 @@ async def test_content_length_and_transfer_encoding_together_is_400(nursery):
     assert headers["connection"] == "close"
 
 
-async def test_oversized_content_length_refused_before_body_is_sent(nursery):
+async def test_oversized_content_length_refused_before_body_is_sent(nursery, dead_upstream):
     gw = await start_gateway(nursery, make_config([dead_upstream()], server={"max_body_bytes": 1000}))
     head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
             b"Content-Length: 100000000\r\n\r\n")
@@ -66,7 +64,7 @@ async def test_oversized_content_length_refused_before_body_is_sent(nursery):
     assert headers["connection"] == "close"
 
 
-async def test_oversized_chunked_body_is_413(nursery):
+async def test_oversized_chunked_body_is_413(nursery, dead_upstream):
     gw = await start_gateway(nursery, make_config([dead_upstream()], server={"max_body_bytes": 1000}))
     chunk = b"x" * 800
     req = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -76,14 +74,14 @@ async def test_oversized_chunked_body_is_413(nursery):
     assert split_response(raw)[0] == 413
 
 
-async def test_slow_head_gets_408(nursery):
+async def test_slow_head_gets_408(nursery, dead_upstream):
     gw = await start_gateway(nursery, make_config([dead_upstream()], server={"request_head_s": 0.3}))
     with trio.fail_after(5):
         raw = await raw_request(gw.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # never finished
     assert split_response(raw)[0] == 408
 
 
-async def test_slow_body_gets_408(nursery):
+async def test_slow_body_gets_408(nursery, dead_upstream):
     gw = await start_gateway(nursery, make_config([dead_upstream()], server={"request_body_s": 0.3}))
     req = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
            b"Content-Length: 100\r\n\r\n{\"model\"")
@@ -92,7 +90,7 @@ async def test_slow_body_gets_408(nursery):
     assert split_response(raw)[0] == 408
 
 
-async def test_idle_keepalive_connection_is_closed_quietly(nursery):
+async def test_idle_keepalive_connection_is_closed_quietly(nursery, dead_upstream):
     gw = await start_gateway(nursery, make_config([dead_upstream()], server={"keepalive_idle_s": 0.3}))
     with trio.fail_after(5):
         stream = await trio.open_tcp_stream("127.0.0.1", gw.port)
@@ -123,7 +121,7 @@ async def test_non_json_content_type_is_400(nursery):
     req = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\n"
            b"Content-Length: " + str(len(CHAT)).encode() + b"\r\n\r\n" + CHAT)
     with trio.fail_after(5):
-        raw = await raw_request(gw.port, req, read_timeout=0.5)
+        raw = await one_response(gw.port, req)
     status, _, body = split_response(raw)
     assert status == 400 and error_of(body)["code"] == "unsupported_content_type"
     assert len(sim.requests) == 0
@@ -133,13 +131,13 @@ async def test_malformed_json_is_400_and_never_reaches_upstream(nursery):
     sim, url = await start_sim(nursery)
     gw = await start_gateway(nursery, make_config([url]))
     with trio.fail_after(5):
-        raw = await raw_request(gw.port, post(b'{"model": "sim-chat", "messages": [}'), read_timeout=0.5)
+        raw = await one_response(gw.port, post(b'{"model": "sim-chat", "messages": [}'))
     status, _, body = split_response(raw)
     assert status == 400 and error_of(body)["type"] == "invalid_request_error"
     assert len(sim.requests) == 0
 
 
-async def test_unknown_path_404_and_wrong_method_405(nursery):
+async def test_unknown_path_404_and_wrong_method_405(nursery, dead_upstream):
     gw = await start_gateway(nursery, make_config([dead_upstream()]))
     with trio.fail_after(5):
         raw = await raw_request(gw.port, b"GET /v2/nothing HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
@@ -210,7 +208,7 @@ async def test_client_authorization_is_not_forwarded_and_upstream_key_is(nursery
     assert auths == [b"Bearer vllm-secret"]
 
 
-async def test_models_answered_from_config_when_upstream_down(nursery):
+async def test_models_answered_from_config_when_upstream_down(nursery, dead_upstream):
     gw = await start_gateway(nursery, make_config([dead_upstream()]))
     with trio.fail_after(5):
         raw = await raw_request(gw.port, b"GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
@@ -221,7 +219,7 @@ async def test_models_answered_from_config_when_upstream_down(nursery):
     assert {m["id"] for m in listing["data"]} == {"sim-chat", "sim-embed"}
 
 
-async def test_unsupported_transfer_coding_501_and_http_version_505(nursery):
+async def test_unsupported_transfer_coding_501_and_http_version_505(nursery, dead_upstream):
     gw = await start_gateway(nursery, make_config([dead_upstream()]))
     with trio.fail_after(5):
         raw = await raw_request(gw.port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
