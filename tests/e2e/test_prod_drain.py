@@ -1,4 +1,4 @@
-"""Issue 4 acceptance: SIGTERM in the middle of load -- streams finish, nothing is lost, exit 0.
+"""Through real processes: SIGTERM in the middle of load -- streams finish, nothing is lost, exit 0.
 
 Strategy: 1 and 2 workers behind one port; four SDK streams paced by the simulator (4 s each) and three
 SDK clients making back-to-back requests on their keep-alive connections, each request tagged with an

@@ -1,4 +1,4 @@
-"""Issue 4 acceptance: per-key rate limits through the real gateway and the OpenAI SDK, 1 and 2 workers.
+"""Through real processes: per-key rate limits through the real gateway and the OpenAI SDK, 1 and 2 workers.
 
 Strategy: keys made with `keys add --rpm/--tpm`; the SDK with max_retries=0 so a 429 surfaces as
 openai.RateLimitError; headers read from `with_raw_response` (successes) and the exception's response

@@ -1,4 +1,4 @@
-"""Issue 4 acceptance: metrics over two workers, reload on SIGHUP, a SIGKILLed worker replaced.
+"""Through real processes: metrics over two workers, reload on SIGHUP, a SIGKILLed worker replaced.
 
 Strategy: the real supervisor (`serve --workers 2`) and the OpenAI SDK, as in test_production.py (the
 helpers are tests/support/production.py's). Which worker answered is read from the request id's

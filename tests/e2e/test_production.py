@@ -1,4 +1,4 @@
-"""Issue 4 acceptance, end to end: usage accounting through real processes.
+"""Usage accounting end to end, through real gateway and sim processes.
 
 Strategy: everything runs as an operator runs it -- `python -m proxy sim` as the upstream,
 `python -m proxy keys add` for keys, `python -m proxy serve --config FILE [--workers N]` as the gateway,
