@@ -3,6 +3,9 @@
 Strategy: the gateway's own commands (serve, keys, check-config) are parsed here; every other
 subcommand lives in the module that owns it and exposes `main(argv) -> int`, imported lazily so that
 `spotinference serve` never pays for boto3, rich or the openai SDK at start-up.
+The base install is what a gateway host needs; the tools and the demo need extras (pyproject.toml).
+A command whose extra is missing says so in one line naming the install command, exit status 2;
+any other missing module is a bug and raises.
 """
 
 from __future__ import annotations
@@ -23,6 +26,10 @@ _DELEGATED = {
     "bench": "loadtest.bench",
     "_worker": "proxy.process.worker",  # internal: one worker process under `serve --workers N`
 }
+
+# top-level module of an optional dependency -> the extra that installs it
+_EXTRAS = {"moto": "demo", "werkzeug": "demo", "flask": "demo", "openai": "tools", "jsonschema": "tools",
+           "locust": "loadtest", "gevent": "loadtest"}
 
 _HELP = """usage: spotinference COMMAND [ARGS]
 
@@ -51,10 +58,18 @@ def main(argv: list[str] | None = None) -> int:
     if target is None:
         sys.stderr.write(f"spotinference: unknown command {name!r}\n\n{_HELP}")
         return 2
-    module = importlib.import_module(target)
-    if name == "check-config":
-        return module.check_config_main(rest)
-    return int(module.main(rest) or 0)
+    try:
+        module = importlib.import_module(target)
+        if name == "check-config":
+            return module.check_config_main(rest)
+        return int(module.main(rest) or 0)
+    except ModuleNotFoundError as exc:
+        extra = _EXTRAS.get((exc.name or "").partition(".")[0])
+        if extra is None:
+            raise
+        sys.stderr.write(f"spotinference {name} needs the '{extra}' extra ({exc.name} is not installed): "
+                         f"pip install 'spotinference[{extra}]'  (in a checkout: pip install -e '.[{extra}]')\n")
+        return 2
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 
 Strategy: `serve` with no arguments is the embedded default -- a simulated vLLM tier `local`
 (serving `sim-chat` and `sim-embed`) started in the same process on a free loopback port, the gateway
-on 127.0.0.1:8080 in front of it, no keys. Without a keys file the gateway runs open, and therefore
+on 127.0.0.1:8080 in front of it, no keys. The simulated tier is paced like a real one (a first token
+after 300 ms, then 30 tokens/s; `--sim-ttft-ms`, `--sim-tokens-per-s`), so a newcomer sees a stream
+arrive token by token rather than in one 2 ms burst that would look like buffering. Without a keys file the gateway runs open, and therefore
 refuses to bind anything but a loopback address. One line `spotinference listening on http://H:P`
 goes to stdout once the socket is bound (scripts and harnesses wait for it); logs go to stderr.
 """
@@ -45,23 +47,36 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="TOML config file (default: embedded simulated tier)")
     p.add_argument("--listen", help="HOST:PORT to bind (overrides [server] listen)")
     p.add_argument("--workers", type=int, help="worker processes (overrides [server] workers)")
+    sim = p.add_argument_group("embedded simulated tier (no --config)",
+                               "paced like a real GPU tier, so a stream is seen arriving token by token")
+    sim.add_argument("--sim-ttft-ms", type=float, default=SIM_TTFT_MS,
+                     help=f"time to first token, ms (default {SIM_TTFT_MS:g}; 0: none)")
+    sim.add_argument("--sim-tokens-per-s", type=float, default=SIM_TOKENS_PER_S,
+                     help=f"decode rate, tokens/s (default {SIM_TOKENS_PER_S:g}; 0: unpaced)")
     return p
 
 
-async def _serve_embedded(listen: str) -> None:
+# The embedded tier's pace: what a dual-GPU vLLM host serving a mid-size model looks like to a client.
+SIM_TTFT_MS = 300.0
+SIM_TOKENS_PER_S = 30.0
+
+
+async def _serve_embedded(listen: str, ttft_ms: float = SIM_TTFT_MS, tokens_per_s: float = SIM_TOKENS_PER_S) -> None:
     from backends.sim.server import SimOptions, SimServer
     from proxy.process.services import run_gateway
 
     async with trio.open_nursery() as nursery:
-        sim_host, sim_port = await nursery.start(SimServer(SimOptions(models=("sim-chat",),
-                                                                       embedding_models=("sim-embed",))).serve,
-                                                 "127.0.0.1", 0)
+        options = SimOptions(models=("sim-chat",), embedding_models=("sim-embed",), ttft_ms=ttft_ms,
+                             tokens_per_s=tokens_per_s)
+        sim_host, sim_port = await nursery.start(SimServer(options).serve, "127.0.0.1", 0)
         config = embedded_default(f"http://{sim_host}:{sim_port}", listen)
         host, port = await nursery.start(run_gateway, config)
         base = f"http://{host}:{port}"
         print(f"spotinference listening on {base}", flush=True)
         print(
-            f"  embedded simulated tier 'local' (models sim-chat, sim-embed) at http://{sim_host}:{sim_port}\n"
+            f"  embedded simulated tier 'local' (models sim-chat, sim-embed) at http://{sim_host}:{sim_port},\n"
+            f"  paced: first token after {ttft_ms:g} ms, then {tokens_per_s:g} tokens/s"
+            f" (--sim-ttft-ms, --sim-tokens-per-s)\n"
             f"  try: curl {base}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
             f"         -d '{{\"model\": \"sim-chat\", \"messages\": [{{\"role\": \"user\", \"content\": \"Say hello.\"}}]}}'\n"
             f"  or:  OpenAI(base_url=\"{base}/v1\", api_key=\"none\")",
@@ -102,6 +117,8 @@ def main(argv: list[str]) -> int:
             logs.configure(config.log.level, config.log.access)
         else:
             listen = args.listen or "127.0.0.1:8080"
+            if args.sim_ttft_ms < 0 or args.sim_tokens_per_s < 0:
+                raise ConfigError("--sim-ttft-ms and --sim-tokens-per-s must be >= 0")
             check_open_bind(embedded_default("http://127.0.0.1:1", listen))
             logs.configure()
     except (ConfigError, KeysError) as exc:
@@ -109,7 +126,7 @@ def main(argv: list[str]) -> int:
         return 2
     try:
         if config is None:
-            trio.run(_serve_embedded, listen)
+            trio.run(_serve_embedded, listen, args.sim_ttft_ms, args.sim_tokens_per_s)
         elif config.server.workers > 1:
             from proxy.process.supervisor import run_supervisor
 
