@@ -81,9 +81,11 @@ async def test_parity_between_two_sims_reports_what_they_were_told(tmp_path: Pat
     assert any("not JSON" in p for p in by_id["tool-weather"]["b"]["problems"])
     # structured output stays valid on both
     assert a["schema_valid_rate"] == 1.0 and b["schema_valid_rate"] == 1.0
-    # slower first token on B: every B TTFT above every A TTFT, and at least what B was told
+    # slower first token on B: every B TTFT at least what B was told (a lower bound: a slow machine
+    # only adds), and A's median below it (A's max is not compared: one stall of a shared machine can
+    # put any single request of A past B)
     b_ttfts = [r["ttft_ms"] for c in report["cases"] for r in c["attempts"] if r["side"] == "b" and r["stream"]]
-    assert a["ttft_ms"]["max"] < min(b_ttfts)
+    assert min(b_ttfts) >= TTFT_B_MS
     assert b["ttft_ms"]["p50"] >= TTFT_B_MS and a["ttft_ms"]["p50"] < TTFT_B_MS
     # token counts are the sims' own usage, per case
     for cid in PICK:
