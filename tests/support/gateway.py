@@ -141,3 +141,51 @@ def split_response(raw: bytes) -> tuple[int, dict[str, str], bytes]:
 
 def error_of(body: bytes) -> dict:
     return msgspec.json.decode(body)["error"]
+
+
+class CountingGateway(Gateway):
+    """A real gateway that also keeps every record handed to `request_finished`."""
+
+    def __init__(self, runtime) -> None:
+        super().__init__(runtime)
+        self.finished: list = []
+
+    def request_finished(self, ex) -> None:
+        self.finished.append(ex)
+        super().request_finished(ex)
+
+
+async def dispatch_one(gw, raw: bytes, *, hang_up: bool = False):
+    """Without a listener: a Downstream on a socket pair reads one head from `raw` and the real
+    `dispatch` answers it. (the bytes the client got, the Downstream, its scope). `hang_up`: the client
+    closes its end before the response is written."""
+    import socket
+
+    from proxy import sockio
+    from proxy.accept.downstream import Downstream
+    from proxy.admit.routes import dispatch
+
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    theirs.settimeout(5)
+    try:
+        theirs.sendall(raw)
+        ds = Downstream(ours, gw, "127.0.0.1")
+        with trio.fail_after(10), trio.CancelScope() as scope:
+            ds.scope = scope
+            request = await ds.read_head()
+            if hang_up:
+                theirs.close()
+            await dispatch(gw, ds, request)
+        sockio.close(ours)
+        out = b""
+        if not hang_up:
+            for _ in range(1000):
+                chunk = theirs.recv(65536)
+                if not chunk:
+                    break
+                out += chunk
+        return out, ds, scope
+    finally:
+        ours.close()
+        theirs.close()

@@ -9,33 +9,25 @@ client's original bytes.
 
 from __future__ import annotations
 
-import socket
-
 import msgspec
 import pytest
-import trio
 
-from proxy import errors, sockio
-from proxy.accept.downstream import Downstream
+from proxy import errors
 from proxy.admit import keys
 from proxy.admit.inference import check_declared
-from proxy.admit.routes import dispatch
-from proxy.gateway import Gateway, build_runtime
+from proxy.gateway import build_runtime
 from proxy.limits.buckets import RateLimiter
 from proxy.parse.request import RequestReader
-from tests.support.gateway import error_of, make_config, split_response, start_sim
+from tests.support.gateway import (
+    CountingGateway,
+    dispatch_one,
+    error_of,
+    make_config,
+    split_response,
+    start_sim,
+)
 
 CHAT = b'{"model":"sim-chat","messages":[{"role":"user","content":"hi"}],"max_tokens":5}'
-
-
-class CountingGateway(Gateway):
-    def __init__(self, runtime) -> None:
-        super().__init__(runtime)
-        self.finished: list = []
-
-    def request_finished(self, ex) -> None:
-        self.finished.append(ex)
-        super().request_finished(ex)
 
 
 def head(raw: bytes):
@@ -52,26 +44,7 @@ def post(body: bytes, *, path: bytes = b"/v1/chat/completions", ctype: bytes = b
 
 
 async def serve_one(gw, raw: bytes) -> bytes:
-    ours, theirs = socket.socketpair()
-    ours.setblocking(False)
-    theirs.settimeout(5)
-    try:
-        theirs.sendall(raw)
-        ds = Downstream(ours, gw, "127.0.0.1")
-        with trio.fail_after(10), trio.CancelScope() as scope:
-            ds.scope = scope
-            await dispatch(gw, ds, await ds.read_head())
-        sockio.close(ours)
-        chunks = []
-        for _ in range(1000):
-            chunk = theirs.recv(65536)
-            if not chunk:
-                break
-            chunks.append(chunk)
-        return b"".join(chunks)
-    finally:
-        ours.close()
-        theirs.close()
+    return (await dispatch_one(gw, raw))[0]
 
 
 class FakeClock:

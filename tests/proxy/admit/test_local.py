@@ -8,20 +8,14 @@ with `build_runtime(..., created=...)` so the model objects can be compared whol
 
 from __future__ import annotations
 
-import socket
-
 import msgspec
 import pytest
-import trio
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from proxy import sockio
-from proxy.accept.downstream import Downstream
 from proxy.admit import keys
-from proxy.admit.routes import dispatch
 from proxy.config import TierConfig
 from proxy.gateway import Gateway, build_runtime
-from tests.support.gateway import error_of, make_config, split_response
+from tests.support.gateway import dispatch_one, error_of, make_config, split_response
 
 CREATED = 1718000000
 TIERS = [
@@ -40,26 +34,8 @@ def gateway(keys_file: str | None = None) -> Gateway:
 
 async def get(gw, path: bytes, secret: str | None = None, *, method: bytes = b"GET") -> bytes:
     auth = b"" if secret is None else b"Authorization: Bearer " + secret.encode() + b"\r\n"
-    ours, theirs = socket.socketpair()
-    ours.setblocking(False)
-    theirs.settimeout(5)
-    try:
-        theirs.sendall(method + b" " + path + b" HTTP/1.1\r\nHost: x\r\nX-Request-Id: rid-1\r\n" + auth + b"\r\n")
-        ds = Downstream(ours, gw, "127.0.0.1")
-        with trio.fail_after(5), trio.CancelScope() as scope:
-            ds.scope = scope
-            await dispatch(gw, ds, await ds.read_head())
-        sockio.close(ours)
-        chunks = []
-        for _ in range(1000):
-            chunk = theirs.recv(65536)
-            if not chunk:
-                break
-            chunks.append(chunk)
-        return b"".join(chunks)
-    finally:
-        ours.close()
-        theirs.close()
+    raw = method + b" " + path + b" HTTP/1.1\r\nHost: x\r\nX-Request-Id: rid-1\r\n" + auth + b"\r\n"
+    return (await dispatch_one(gw, raw))[0]
 
 
 @pytest.fixture

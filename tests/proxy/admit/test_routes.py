@@ -13,64 +13,23 @@ import socket
 import pytest
 import trio
 
-from proxy import sockio
 from proxy.accept.downstream import BODY, ClientGone, Downstream
 from proxy.admit import keys
 from proxy.admit.inference import forward_inference
 from proxy.admit.local import handle_healthz, handle_metrics, handle_models
 from proxy.admit.routes import ROUTES, dispatch, route
-from proxy.gateway import Gateway, build_runtime
-from tests.support.gateway import error_of, make_config, split_response
+from proxy.gateway import build_runtime
+from tests.support.gateway import CountingGateway, dispatch_one, error_of, make_config, split_response
 
 DEAD = "http://127.0.0.1:9"  # never reached by anything below
-
-
-class CountingGateway(Gateway):
-    """A real gateway that also keeps every record handed to `request_finished`."""
-
-    def __init__(self, runtime) -> None:
-        super().__init__(runtime)
-        self.finished: list = []
-
-    def request_finished(self, ex) -> None:
-        self.finished.append(ex)
-        super().request_finished(ex)
 
 
 def gateway(**kw) -> CountingGateway:
     return CountingGateway(build_runtime(make_config([DEAD], **kw)))
 
 
-def read_all(sock: socket.socket) -> bytes:
-    chunks = []
-    for _ in range(1000):
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 async def serve_one(gw, raw: bytes, *, hang_up: bool = False) -> tuple[bytes, Downstream, trio.CancelScope]:
-    """Write `raw`, read one head, dispatch it; (the bytes the client got, the Downstream, its scope).
-    `hang_up`: the client closes its end before the response is written."""
-    ours, theirs = socket.socketpair()
-    ours.setblocking(False)
-    theirs.settimeout(5)
-    try:
-        theirs.sendall(raw)
-        ds = Downstream(ours, gw, "127.0.0.1")
-        with trio.CancelScope() as scope:
-            ds.scope = scope
-            request = await ds.read_head()
-            if hang_up:
-                theirs.close()
-            await dispatch(gw, ds, request)
-        sockio.close(ours)
-        return (b"" if hang_up else read_all(theirs)), ds, scope
-    finally:
-        ours.close()
-        theirs.close()
+    return await dispatch_one(gw, raw, hang_up=hang_up)
 
 
 # -- route() ------------------------------------------------------------------------------------------
