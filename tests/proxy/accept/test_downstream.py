@@ -114,7 +114,7 @@ async def test_deadline_is_keepalive_idle_until_the_first_byte_then_the_head_tim
 
 
 async def test_idle_timeout_fires_in_the_idle_phase(autojump_clock):
-    with downstream(keepalive_idle_s=75.0, request_head_s=10.0) as (ds, client):
+    with downstream(keepalive_idle_s=75.0, request_head_s=10.0) as (ds, _client):
         t0 = trio.current_time()
         await ds.read_head()
         pytest.fail("read_head returned a head that never came")  # pragma: no cover
@@ -268,8 +268,9 @@ async def test_known_length_is_content_length_and_unframed():
 
 
 async def test_head_request_gets_the_head_and_no_body_bytes():
-    out, ds = await response(b"HEAD /a HTTP/1.1\r\nHost: x\r\n\r\n", 200, [], None, [b"abc"])
+    out, head_ds = await response(b"HEAD /a HTTP/1.1\r\nHost: x\r\n\r\n", 200, [], None, [b"abc"])
     assert out == b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"  # no chunks, no last chunk
+    assert head_ds.head_only and head_ds.keep_alive
     with downstream() as (ds, client):
         client.send(b"HEAD /a HTTP/1.1\r\nHost: x\r\n\r\n")
         await ds.read_head()
