@@ -1,7 +1,7 @@
 """The `spotinference` command: one entry point, subcommands dispatched by name.
 
-Strategy: the gateway's own commands (serve, keys, check-config) are parsed here; every other
-subcommand lives in the module that owns it and exposes `main(argv) -> int`, imported lazily so that
+Strategy: every subcommand lives in the module that owns it and exposes `main(argv) -> int`
+(check-config: `check_config_main`), imported lazily so that
 `spotinference serve` never pays for boto3, rich or the openai SDK at start-up.
 The base install is what a gateway host needs; the tools and the demo need extras (pyproject.toml).
 A command whose extra is missing says so in one line naming the install command, exit status 2;
@@ -28,7 +28,8 @@ _DELEGATED = {
 }
 
 # top-level module of an optional dependency -> the extra that installs it
-_EXTRAS = {"moto": "demo", "werkzeug": "demo", "flask": "demo", "openai": "tools", "jsonschema": "tools",
+_EXTRAS = {"moto": "demo", "werkzeug": "demo", "flask": "demo", "flask_cors": "demo",
+           "openai": "tools", "pydantic": "tools", "jsonschema": "tools",
            "locust": "loadtest", "gevent": "loadtest"}
 
 _HELP = """usage: spotinference COMMAND [ARGS]

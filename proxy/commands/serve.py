@@ -3,8 +3,10 @@
 Strategy: `serve` with no arguments is the embedded default -- a simulated vLLM tier `local`
 (serving `sim-chat` and `sim-embed`) started in the same process on a free loopback port, the gateway
 on 127.0.0.1:8080 in front of it, no keys. The simulated tier is paced like a real one (a first token
-after 300 ms, then 30 tokens/s; `--sim-ttft-ms`, `--sim-tokens-per-s`), so a newcomer sees a stream
-arrive token by token rather than in one 2 ms burst that would look like buffering. Without a keys file the gateway runs open, and therefore
+after 300 ms, then 30 tokens/s; `--sim-ttft-ms`, `--sim-tokens-per-s`, 0 = unpaced), so a newcomer
+sees a stream arrive token by token rather than in one 2 ms burst that would look like buffering; the
+sim's 16-token default answer takes under a second. A `--config` run has no sim, and refuses the
+`--sim-*` flags. Without a keys file the gateway runs open, and therefore
 refuses to bind anything but a loopback address. One line `spotinference listening on http://H:P`
 goes to stdout once the socket is bound (scripts and harnesses wait for it); logs go to stderr.
 """
@@ -23,6 +25,10 @@ import trio
 from proxy.admit.keys import KeysError
 from proxy.config import Config, ConfigError, embedded_default, load, parse_listen
 from proxy.observe import logs
+
+# The embedded tier's pace: what a dual-GPU vLLM host serving a mid-size model looks like to a client.
+SIM_TTFT_MS = 300.0
+SIM_TOKENS_PER_S = 30.0
 
 
 def _is_loopback(host: str) -> bool:
@@ -49,19 +55,23 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="worker processes (overrides [server] workers)")
     sim = p.add_argument_group("embedded simulated tier (no --config)",
                                "paced like a real GPU tier, so a stream is seen arriving token by token")
-    sim.add_argument("--sim-ttft-ms", type=float, default=SIM_TTFT_MS,
-                     help=f"time to first token, ms (default {SIM_TTFT_MS:g}; 0: none)")
-    sim.add_argument("--sim-tokens-per-s", type=float, default=SIM_TOKENS_PER_S,
-                     help=f"decode rate, tokens/s (default {SIM_TOKENS_PER_S:g}; 0: unpaced)")
+    sim.add_argument("--sim-ttft-ms", type=float, metavar="MS",
+                     help=f"time to first token (default {SIM_TTFT_MS:g}; 0: none)")
+    sim.add_argument("--sim-tokens-per-s", type=float, metavar="RATE",
+                     help=f"decode rate per stream (default {SIM_TOKENS_PER_S:g}; 0: unpaced)")
     return p
 
 
-# The embedded tier's pace: what a dual-GPU vLLM host serving a mid-size model looks like to a client.
-SIM_TTFT_MS = 300.0
-SIM_TOKENS_PER_S = 30.0
+def _pace(ttft_ms: float, tokens_per_s: float) -> str:
+    """The banner's words for the sim's pace."""
+    if ttft_ms == 0 and tokens_per_s == 0:
+        return "unpaced"
+    rate = f"{tokens_per_s:g} tokens/s" if tokens_per_s > 0 else "the rest at once"
+    return f"paced: first token after {ttft_ms:g} ms, then {rate}"
 
 
-async def _serve_embedded(listen: str, ttft_ms: float = SIM_TTFT_MS, tokens_per_s: float = SIM_TOKENS_PER_S) -> None:
+async def _serve_embedded(listen: str, ttft_ms: float = SIM_TTFT_MS,
+                          tokens_per_s: float = SIM_TOKENS_PER_S) -> None:
     from backends.sim.server import SimOptions, SimServer
     from proxy.process.services import run_gateway
 
@@ -75,8 +85,7 @@ async def _serve_embedded(listen: str, ttft_ms: float = SIM_TTFT_MS, tokens_per_
         print(f"spotinference listening on {base}", flush=True)
         print(
             f"  embedded simulated tier 'local' (models sim-chat, sim-embed) at http://{sim_host}:{sim_port},\n"
-            f"  paced: first token after {ttft_ms:g} ms, then {tokens_per_s:g} tokens/s"
-            f" (--sim-ttft-ms, --sim-tokens-per-s)\n"
+            f"  {_pace(ttft_ms, tokens_per_s)} (--sim-ttft-ms, --sim-tokens-per-s; 0 = unpaced)\n"
             f"  try: curl {base}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
             f"         -d '{{\"model\": \"sim-chat\", \"messages\": [{{\"role\": \"user\", \"content\": \"Say hello.\"}}]}}'\n"
             f"  or:  OpenAI(base_url=\"{base}/v1\", api_key=\"none\")",
@@ -102,6 +111,10 @@ def main(argv: list[str]) -> int:
             config = None
         if args.listen:
             parse_listen(args.listen, "--listen")
+        sim_flags = (args.sim_ttft_ms, args.sim_tokens_per_s)
+        if config is not None and sim_flags != (None, None):
+            raise ConfigError("--sim-ttft-ms and --sim-tokens-per-s apply to the embedded default only, "
+                              "not with --config")
         if config is not None:
             import msgspec
 
@@ -117,7 +130,9 @@ def main(argv: list[str]) -> int:
             logs.configure(config.log.level, config.log.access)
         else:
             listen = args.listen or "127.0.0.1:8080"
-            if args.sim_ttft_ms < 0 or args.sim_tokens_per_s < 0:
+            ttft_ms = SIM_TTFT_MS if args.sim_ttft_ms is None else args.sim_ttft_ms
+            tokens_per_s = SIM_TOKENS_PER_S if args.sim_tokens_per_s is None else args.sim_tokens_per_s
+            if ttft_ms < 0 or tokens_per_s < 0:
                 raise ConfigError("--sim-ttft-ms and --sim-tokens-per-s must be >= 0")
             check_open_bind(embedded_default("http://127.0.0.1:1", listen))
             logs.configure()
@@ -126,7 +141,7 @@ def main(argv: list[str]) -> int:
         return 2
     try:
         if config is None:
-            trio.run(_serve_embedded, listen, args.sim_ttft_ms, args.sim_tokens_per_s)
+            trio.run(_serve_embedded, listen, ttft_ms, tokens_per_s)
         elif config.server.workers > 1:
             from proxy.process.supervisor import run_supervisor
 
