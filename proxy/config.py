@@ -11,6 +11,7 @@ naming. Knobs that are durations end in `_s`; sizes end in `_bytes`.
 
 from __future__ import annotations
 
+import ipaddress
 import tomllib
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -34,10 +35,17 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     keepalive_idle_s: float = 75.0
     request_head_s: float = 10.0
     request_body_s: float = 60.0
+    # A body must keep arriving at this rate once `body_grace_s` has passed (mod_reqtimeout's MinRate):
+    # a trickle is cut with 408 long before `request_body_s`, a slow but real upload never is.
+    body_grace_s: float = 10.0
+    min_body_rate_bytes_s: int = 500
     write_s: float = 30.0
     drain_s: float = 30.0
     max_connections: int = 20000
     reuse_port: bool = True
+    # Addresses (or CIDR networks) whose X-Forwarded-For / Forwarded headers are believed and appended
+    # to; from anyone else those headers are dropped and replaced by the gateway's own.
+    trusted_proxies: list[str] = msgspec.field(default_factory=list)
 
 
 class UpstreamConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -48,6 +56,13 @@ class UpstreamConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     max_idle_per_host: int = 256
     # uvicorn (vLLM) drops idle keep-alive connections after 5 s: stay below it.
     idle_keepalive_s: float = 4.0
+    # Active health: every upstream of every tier is probed (GET /health); after `unhealthy_after`
+    # failures in a row it is down (no new requests, those in flight end). Running requests with
+    # vllm:generation_tokens_total frozen for `stall_s` mark it stalled.
+    health_interval_s: float = 2.0
+    health_timeout_s: float = 2.0
+    unhealthy_after: int = 3
+    stall_s: float = 30.0
 
 
 class AuthConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -152,10 +167,24 @@ def validate(cfg: Config) -> Config:
         "upstream.connect_s": cfg.upstream.connect_s,
         "upstream.first_byte_s": cfg.upstream.first_byte_s,
         "upstream.between_chunks_s": cfg.upstream.between_chunks_s,
+        "server.body_grace_s": cfg.server.body_grace_s,
+        "upstream.health_interval_s": cfg.upstream.health_interval_s,
+        "upstream.health_timeout_s": cfg.upstream.health_timeout_s,
+        "upstream.unhealthy_after": cfg.upstream.unhealthy_after,
+        "upstream.stall_s": cfg.upstream.stall_s,
     }
     for name, value in positive.items():
         if value <= 0:
             raise ConfigError(f"field '{name}': must be > 0, got {value}")
+    if cfg.server.min_body_rate_bytes_s < 0:
+        raise ConfigError(f"field 'server.min_body_rate_bytes_s': must be >= 0 (0: no minimum), "
+                          f"got {cfg.server.min_body_rate_bytes_s}")
+    for i, net in enumerate(cfg.server.trusted_proxies):
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError:
+            raise ConfigError(f"field 'server.trusted_proxies[{i}]': expected an IP address or CIDR "
+                              f"network, got {net!r}") from None
     seen_tiers: set[str] = set()
     seen_models: dict[str, str] = {}
     for i, tier in enumerate(cfg.tiers):
