@@ -52,6 +52,14 @@ class ApiError(Exception):
         return f"ApiError({self.status}, {self.type!r}, code={self.code!r}, param={self.param!r})"
 
 
+def inband_error(message: str, code: str) -> bytes:
+    """A failed stream's last event, after its 200 head: ``data: {"error": {...}}`` (openai-python
+    raises APIError on it). relay/inband.py sends it; the crash barrier too."""
+    payload = _encoder.encode({"error": {"message": message, "type": "server_error", "param": None,
+                                         "code": code}})
+    return b"data: " + payload + b"\n\n"
+
+
 def invalid_request(message: str, param: str | None = None, code: str | None = None) -> ApiError:
     return ApiError(400, message, "invalid_request_error", param=param, code=code)
 

@@ -10,7 +10,9 @@ cycle per loop turn:
   next request (pipelined bytes already read stay buffered).
 When the connection's scope fires, `phase` says what timed out: IDLE -> close quietly (also a drain);
 HEAD/BODY -> 408. Refused requests (400 garbage, 431 head too large, 501 transfer-coding, 505
-version) are answered once, then the connection closes.
+version) are answered once, then the connection closes. An unexpected exception anywhere in a cycle
+meets the crash barrier (barrier.py): answered 500 if it can be, logged, counted, connection closed --
+one connection ends, the worker and its other connections do not.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import socket
 import trio
 
 from proxy import errors, sockio
+from proxy.accept.barrier import contain
 from proxy.accept.downstream import BODY, HEAD, ClientGone, Downstream
 from proxy.parse.request import RequestError
 
@@ -53,6 +56,11 @@ async def serve_connection(sock: socket.socket, client: str, gw) -> None:
                     await _send_protocol_error(ds, exc.status, exc.message)
                     return
                 except ClientGone:
+                    return
+                except Exception as exc:  # noqa: BLE001 -- the crash barrier (a bug in reading or recording a request)
+                    scope.deadline = math.inf
+                    with trio.CancelScope(deadline=trio.current_time() + 1.0):
+                        await contain(gw, ds, exc, "connection")
                     return
                 if ds.client_gone or gw.draining or not ds.next_cycle():
                     return

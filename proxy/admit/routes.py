@@ -6,7 +6,8 @@ possible: route (404/405) -> API key (401, auth.py) -> handler. Inference handle
 inference.py (declared size and type before a byte of the body is read, then validation, tier,
 limits); the gateway's own endpoints are local.py's.
 `dispatch` sends exactly one response per request (or ends the connection) and closes the request's
-record (`Exchange.finish`) whatever happens, cancellation included.
+record (`Exchange.finish`) whatever happens, cancellation included. Any other exception meets the crash
+barrier (accept/barrier.py): 500 (or an in-band error), logged and counted, the connection closed.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from __future__ import annotations
 from urllib.parse import unquote_to_bytes
 
 from proxy import errors
-from proxy.accept.downstream import BODY, Downstream
+from proxy.accept.barrier import contain
+from proxy.accept.downstream import BODY, ClientGone, Downstream
 from proxy.admit.auth import authenticate
 from proxy.admit.inference import forward_inference
 from proxy.admit.local import handle_healthz, handle_metrics, handle_models
@@ -43,6 +45,13 @@ def route(path: bytes):
     return None, b""
 
 
+def _only_api_error(exc: Exception) -> errors.ApiError | None:
+    """The ApiError an exception group wraps when it is its only leaf (raised inside a nursery)."""
+    while isinstance(exc, ExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc if isinstance(exc, errors.ApiError) else None
+
+
 async def dispatch(gw, ds: Downstream, request) -> None:
     """Handle one request: send exactly one response (or end the connection)."""
     path = target_path(request.target)
@@ -65,6 +74,15 @@ async def dispatch(gw, ds: Downstream, request) -> None:
     except errors.ApiError as err:
         ex.fail(err)
         await ds.send_error(err, ex.request_id)
+    except ClientGone:
+        raise  # the connection loop's to handle: nobody to answer
+    except Exception as exc:  # noqa: BLE001 -- the crash barrier: this request ends with 500, the worker carries on
+        err = _only_api_error(exc)
+        if err is None:
+            await contain(gw, ds, exc, "request", ex)
+        else:
+            ex.fail(err)
+            await ds.send_error(err, ex.request_id)
     finally:
         if ds.phase is BODY and ex.status == 0:  # the body timeout fired (connection.py sends the 408)
             ex.status, ex.error_type = 408, "request_timeout"

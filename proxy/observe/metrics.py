@@ -141,6 +141,12 @@ class Metrics:
                                        ("tier",), namespace=ns, registry=reg, buckets=WAKE_BUCKETS)
         self.wake_budget_exceeded = Counter("wake_budget_exceeded", "Wakes that took longer than budget_s.",
                                             ("tier",), namespace=ns, registry=reg)
+        self.internal_errors = Counter(
+            "internal_errors", "Unexpected exceptions contained by the crash barrier (the worker carried on).",
+            ("where",), namespace=ns, registry=reg)
+        self.worker_restarts = Counter(
+            "worker_restarts", "Workers the supervisor started to replace one that exited, by slot.",
+            ("index",), namespace=ns, registry=reg)
         self._children: dict[tuple, tuple] = {}
         self._sources: dict[str, _Source] = {}
         self._mirrors: dict[str, tuple[Any, type, tuple]] = {}
@@ -199,6 +205,13 @@ class Metrics:
 
     def stream_closed(self) -> None:
         self._open_streams.dec()
+
+    def internal_error(self, where: str) -> None:
+        """An unexpected exception was contained at `where` ("request" or "connection")."""
+        self.internal_errors.labels(where).inc()
+
+    def worker_restarted(self, index: str) -> None:
+        self.worker_restarts.labels(index).inc()
 
     def wake_finished(self, tier: str, duration_s: float, budget_exceeded: bool) -> None:
         """A tier wake ended (ready or failed) after `duration_s`."""

@@ -8,15 +8,10 @@ events sees a truncated stream -- never an invented `data: [DONE]`.
 
 from __future__ import annotations
 
-import msgspec
-
 from proxy.accept.downstream import ClientGone, Downstream
+from proxy.errors import inband_error
 
-
-def inband_error(message: str, code: str) -> bytes:
-    payload = msgspec.json.encode({"error": {"message": message, "type": "server_error", "param": None,
-                                             "code": code}})
-    return b"data: " + payload + b"\n\n"
+__all__ = ["end_stream_with_error", "inband_error"]
 
 
 async def end_stream_with_error(ds: Downstream, err) -> None:
