@@ -7,7 +7,10 @@ connection: the queue belongs to the shared socket). The accept loop is ours rat
   drain(): close the listener (new connections are refused once no process holds it), cancel the
   connections that are idle between requests, let in-flight requests and streams finish, and
   after `drain_s` cancel whatever is left.
-Accept errors that mean "out of descriptors/memory" back off briefly instead of killing the loop.
+Accept errors that mean "out of descriptors/memory" back off briefly instead of killing the loop
+(logged, at most once per `BACKOFF_LOG_S`); errors Linux reports for a connection that died before
+it was accepted (trio's list in `_highlevel_socket.py`: ECONNABORTED, EPROTO, EPERM from a firewall,
+ENETDOWN, ...) are skipped -- they concern that connection, not the listener.
 `max_connections` bounds connections being served: past it, accepting pauses (the kernel backlog holds
 new connections) until one closes.
 """
@@ -22,9 +25,16 @@ import trio
 from proxy import sockio
 from proxy.accept.connection import serve_connection
 from proxy.config import ServerConfig, parse_listen
+from proxy.observe import logs
 
 BACKLOG = 4096
 _RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+_IGNORABLE_ERRNOS = {getattr(errno, name) for name in (
+    "EPERM", "ECONNABORTED", "EPROTO", "ENETDOWN", "ENOPROTOOPT", "EHOSTDOWN", "ENONET", "EHOSTUNREACH",
+    "EOPNOTSUPP", "ENETUNREACH", "ENOSR", "ESOCKTNOSUPPORT", "EPROTONOSUPPORT", "ETIMEDOUT",
+    "ECONNRESET") if hasattr(errno, name)}
+BACKOFF_S = 0.1
+BACKOFF_LOG_S = 10.0
 
 
 def bind_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
@@ -55,6 +65,8 @@ class Server:
         self.slots = trio.Semaphore(server.max_connections)
         self.draining = False
         self._accept_scope = trio.CancelScope()
+        self._backoff_logged_at = -BACKOFF_LOG_S
+        self.accept_backoffs = 0
         gw.server = self
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -86,14 +98,26 @@ class Server:
                     break
                 except OSError as exc:
                     slots.release()
+                    if exc.errno in _IGNORABLE_ERRNOS:
+                        continue
                     if exc.errno in _RESOURCE_ERRNOS:
-                        await trio.sleep(0.1)
+                        self._backing_off(exc.errno)
+                        await trio.sleep(BACKOFF_S)
                         break
                     raise
                 conn.setblocking(False)
                 if conn.family != socket.AF_UNIX:
                     conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 connections.start_soon(self._handle, conn, addr[0] if isinstance(addr, tuple) else "unix")
+
+    def _backing_off(self, err: int) -> None:
+        self.accept_backoffs += 1
+        now = trio.current_time()
+        if now - self._backoff_logged_at >= BACKOFF_LOG_S:
+            self._backoff_logged_at = now
+            logs.event("accept_backoff", level="warning", errno=errno.errorcode.get(err, str(err)),
+                       open_connections=self.gw.open_connections, backoffs=self.accept_backoffs,
+                       pause_s=BACKOFF_S)
 
     async def _handle(self, conn: socket.socket, client: str) -> None:
         try:

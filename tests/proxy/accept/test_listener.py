@@ -13,18 +13,21 @@ fails with EMFILE, and the listening socket is a `socket.socket` subclass that r
 from __future__ import annotations
 
 import errno
+import io
 import os
 import resource
 import select
 import socket
 from types import SimpleNamespace
 
+import msgspec
 import pytest
 import trio
 import trio.testing
 
 from proxy.accept.listener import Server, bind_socket, serve_tcp
 from proxy.gateway import Gateway, build_runtime
+from proxy.observe import logs
 from tests.support.gateway import make_config
 
 
@@ -286,6 +289,8 @@ class ReportingListener(socket.socket):
 
 
 async def test_out_of_descriptors_backs_off_and_accepts_once_they_are_back(nursery):
+    log = io.BytesIO()
+    logs.configure(access=False, stream=log)
     gw = HoldGateway()
     listener = ReportingListener(bind_socket("127.0.0.1", 0))
     run = await start(nursery, gw, listener)
@@ -312,6 +317,7 @@ async def test_out_of_descriptors_backs_off_and_accepts_once_they_are_back(nurse
             await listener.failed.wait()
         assert errno.EMFILE in listener.errors and gw.open_connections == 0
     finally:
+        logs.configure()
         for fd in filler:
             os.close(fd)
         os.close(r)
@@ -328,4 +334,56 @@ async def test_out_of_descriptors_backs_off_and_accepts_once_they_are_back(nurse
     client.close()
     assert raw == ok(b"/later").replace(b"\r\n\r\n", b"\r\nconnection: close\r\n\r\n")
     assert not run.done.is_set()  # the accept loop survived
+    backoffs = [rec for line in log.getvalue().splitlines()
+                if (rec := msgspec.json.decode(line))["event"] == "accept_backoff"]
+    assert len(backoffs) == 1  # logged once, however many times it backed off
+    assert backoffs[0]["errno"] == "EMFILE" and backoffs[0]["level"] == "warning"
+    assert run.server.accept_backoffs >= 1
     run.server.drain()
+
+
+class FaultyListener(socket.socket):
+    """A real listening socket whose first accept() calls fail with the given errnos, as Linux reports
+    them for a connection that was reset or refused by a firewall before it was accepted."""
+
+    def __init__(self, sock: socket.socket, errnos: list[int]) -> None:
+        super().__init__(fileno=sock.detach())
+        self.setblocking(False)
+        self.pending = list(errnos)
+
+    def accept(self):
+        if self.pending:
+            err = self.pending.pop(0)
+            raise OSError(err, os.strerror(err))
+        return super().accept()
+
+
+@pytest.mark.parametrize("err", [errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ENETDOWN,
+                                 errno.EHOSTUNREACH])
+async def test_accept_errors_of_a_dead_connection_are_skipped_and_the_loop_carries_on(nursery, err):
+    gw = HoldGateway()
+    listener = FaultyListener(bind_socket("127.0.0.1", 0), [err, err])
+    run = await start(nursery, gw, listener)
+    with trio.fail_after(10):
+        stream = await trio.open_tcp_stream("127.0.0.1", run.port)
+        await stream.send_all(get(b"/after", close=True))
+        raw = b""
+        while chunk := await stream.receive_some(65536):
+            raw += chunk
+        await stream.aclose()
+    assert raw == ok(b"/after").replace(b"\r\n\r\n", b"\r\nconnection: close\r\n\r\n")
+    assert listener.pending == [] and not run.done.is_set()
+    run.server.drain()
+
+
+async def test_an_unknown_accept_error_still_ends_the_loop(nursery):
+    # EBADF means the listener itself is broken: not something to spin on.
+    gw = HoldGateway()
+    listener = FaultyListener(bind_socket("127.0.0.1", 0), [errno.EBADF])
+    server = Server(gw, gw.runtime.config.server, listener)
+    with trio.fail_after(10):
+        client = await trio.open_tcp_stream("127.0.0.1", listener.getsockname()[1])
+        with pytest.raises(BaseExceptionGroup) as info:
+            await server.serve()
+        await client.aclose()
+    assert info.group_contains(OSError, match="Bad file descriptor")
