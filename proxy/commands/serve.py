@@ -71,7 +71,7 @@ def _pace(ttft_ms: float, tokens_per_s: float) -> str:
 
 
 async def _serve_embedded(listen: str, ttft_ms: float = SIM_TTFT_MS,
-                          tokens_per_s: float = SIM_TOKENS_PER_S) -> None:
+                          tokens_per_s: float = SIM_TOKENS_PER_S, sock=None) -> None:
     from backends.sim.server import SimOptions, SimServer
     from proxy.process.services import run_gateway
 
@@ -80,7 +80,7 @@ async def _serve_embedded(listen: str, ttft_ms: float = SIM_TTFT_MS,
                              tokens_per_s=tokens_per_s)
         sim_host, sim_port = await nursery.start(SimServer(options).serve, "127.0.0.1", 0)
         config = embedded_default(f"http://{sim_host}:{sim_port}", listen)
-        host, port = await nursery.start(run_gateway, config)
+        host, port = await nursery.start(functools.partial(run_gateway, config, sock=sock))
         base = f"http://{host}:{port}"
         print(f"spotinference listening on {base}", flush=True)
         print(
@@ -139,9 +139,13 @@ def main(argv: list[str]) -> int:
     except (ConfigError, KeysError) as exc:
         sys.stderr.write(f"spotinference: {exc}\n")
         return 2
+    address = listen if config is None else config.server.listen
     try:
+        if config is None or config.server.workers == 1:
+            # Bound before the event loop starts: a busy port is one line, not a nursery's traceback.
+            sock = _bind(address)
         if config is None:
-            trio.run(_serve_embedded, listen, ttft_ms, tokens_per_s)
+            trio.run(_serve_embedded, listen, ttft_ms, tokens_per_s, sock)
         elif config.server.workers > 1:
             from proxy.process.supervisor import run_supervisor
 
@@ -149,14 +153,35 @@ def main(argv: list[str]) -> int:
         else:
             from proxy.process.serve import serve_process
 
-            trio.run(functools.partial(serve_process, config, args.config))
+            trio.run(functools.partial(serve_process, config, args.config, sock=sock))
     except OSError as exc:
-        sys.stderr.write(f"spotinference: cannot serve: {exc.strerror or exc}\n")
+        sys.stderr.write(f"spotinference: cannot listen on {address}: {exc.strerror or exc}\n")
+        return 1
+    except BaseExceptionGroup as group:
+        only = _only_os_error(group)
+        if only is None:
+            raise
+        sys.stderr.write(f"spotinference: cannot serve: {only.strerror or only}\n")
         return 1
     except (ConfigError, KeysError) as exc:
         sys.stderr.write(f"spotinference: {exc}\n")
         return 2
     return 0
+
+
+def _bind(listen: str):
+    from proxy.accept.listener import bind_socket
+
+    host, port = parse_listen(listen)
+    return bind_socket(host, port)
+
+
+def _only_os_error(group: BaseExceptionGroup) -> OSError | None:
+    """The OSError an exception group holds when it is its only leaf."""
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc if isinstance(exc, OSError) else None
 
 
 def check_config_main(argv: list[str]) -> int:

@@ -23,10 +23,13 @@ from proxy.process.services import run_gateway
 
 
 async def serve_process(config: Config, config_path: str | None, *, sock=None, workers: int = 1,
-                        spill_path: str | None = None, announce: bool = True,
+                        spill_path: str | None = None, announce: bool = True, restarted: str | None = None,
                         task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Run the gateway until a stop signal has drained it."""
+    """Run the gateway until a stop signal has drained it; `restarted`: the worker slot this process
+    replaces (counted in spotinference_worker_restarts_total)."""
     gw = Gateway(build_runtime(config), workers=workers)
+    if restarted is not None:
+        gw.metrics.worker_restarted(restarted)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
             host, port = await nursery.start(lambda task_status: run_gateway(

@@ -6,8 +6,9 @@ belongs to the socket, so a killed worker loses no queued connection and the por
 it is replaced. The supervisor itself serves nothing and imports no prometheus_client: it prepares the
 multiprocess metrics directory before any worker starts (so one scrape covers all workers), imports
 usage rows spilled by an earlier run, and then only watches:
-- a worker that exits unexpectedly is replaced (with a short back-off if it keeps crashing) and its
-  live metrics are marked dead;
+- a worker that exits unexpectedly is replaced and its live metrics are marked dead; a crash loop
+  backs off (restarts.py) without ever leaving the port with no worker; replacements count themselves
+  in `spotinference_worker_restarts_total`;
 - SIGHUP: the new config is validated here first; if it loads, every worker reloads itself; if not,
   a log line says why and nothing changes;
 - SIGTERM/SIGINT: close our copy of the socket, forward the signal (each worker drains), wait up to
@@ -31,12 +32,14 @@ from proxy.accept.listener import bind_socket
 from proxy.admit.keys import KeysError
 from proxy.config import Config, ConfigError, load, parse_listen
 from proxy.observe import logs
+from proxy.process.restarts import RestartPolicy
 
 
-def _spawn(index: int, config_path: str, fd: int, workers: int, env: dict) -> subprocess.Popen:
+def _spawn(index: int, config_path: str, fd: int, workers: int, env: dict,
+           restarted: bool = False) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "proxy", "_worker", "--config", config_path, "--fd", str(fd),
-         "--workers", str(workers), "--index", str(index)],
+         "--workers", str(workers), "--index", str(index), *(["--restarted"] if restarted else [])],
         pass_fds=(fd,), env=env,
     )
 
@@ -73,8 +76,9 @@ def run_supervisor(config: Config, config_path: str) -> int:
     signal.signal(signal.SIGINT, on_stop)
     signal.signal(signal.SIGHUP, on_hup)
 
-    workers = {i: _spawn(i, config_path, sock.fileno(), n, env) for i in range(n)}
-    crashes: dict[int, list[float]] = {i: [] for i in range(n)}
+    workers: dict[int, subprocess.Popen | None] = {i: _spawn(i, config_path, sock.fileno(), n, env)
+                                                   for i in range(n)}
+    policy = RestartPolicy()
     print(f"spotinference listening on http://{host}:{port}", flush=True)
     logs.event("supervisor_started", workers=n, pids=[p.pid for p in workers.values()], port=port)
 
@@ -90,21 +94,24 @@ def run_supervisor(config: Config, config_path: str) -> int:
                 for proc in workers.values():
                     if proc.poll() is None:
                         proc.send_signal(signal.SIGHUP)
+        if stop["signal"] is not None:
+            break
+        now = time.monotonic()
         for i, proc in list(workers.items()):
-            code = proc.poll()
-            if code is None or stop["signal"] is not None:
+            if proc is None or (code := proc.poll()) is None:
                 continue
             worker_exited(proc.pid, metrics_dir)
-            now = time.monotonic()
-            crashes[i] = [t for t in crashes[i] if now - t < 60] + [now]
-            delay = min(10.0, 0.5 * (2 ** max(0, len(crashes[i]) - 3))) if len(crashes[i]) > 2 else 0.0
+            workers[i] = None
+            delay = policy.exited(i, now)
             logs.event("worker_exited", level="error", index=i, pid=proc.pid, code=code, restart_in_s=delay)
-            if delay:
-                time.sleep(delay)
-            workers[i] = _spawn(i, config_path, sock.fileno(), n, env)
+        running = sum(1 for p in workers.values() if p is not None)
+        for i in policy.due(now, running):
+            workers[i] = _spawn(i, config_path, sock.fileno(), n, env, restarted=True)
+            logs.event("worker_restarted", index=i, pid=workers[i].pid, restarts=policy.restarts)
 
     sig = stop["signal"]
     sock.close()  # the workers hold the only copies now: once they drain, the port refuses
+    workers = {i: p for i, p in workers.items() if p is not None}  # slots waiting for a restart stay empty
     for proc in workers.values():
         if proc.poll() is None:
             proc.send_signal(sig)

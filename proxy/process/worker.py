@@ -43,6 +43,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--fd", type=int, required=True)
     p.add_argument("--workers", type=int, required=True)
     p.add_argument("--index", type=int, required=True)
+    p.add_argument("--restarted", action="store_true", help="a replacement for a worker that exited")
     args = p.parse_args(argv)
     _die_with_parent()
     config = load(args.config)
@@ -51,5 +52,6 @@ def main(argv: list[str]) -> int:
     sock.setblocking(False)
     spill = f"{config.usage.path}.spill.w{args.index}.jsonl" if config.usage.path else None
     trio.run(functools.partial(serve_process, config, args.config, sock=sock, workers=args.workers,
-                               spill_path=spill, announce=False))
+                               spill_path=spill, announce=False,
+                               restarted=str(args.index) if args.restarted else None))
     return 0

@@ -82,3 +82,27 @@ def test_a_configured_keys_file_that_does_not_exist_is_an_error(tmp_path):
     assert checked.returncode != 0 and "does not exist" in checked.stderr
     served = run("serve", "--config", str(cfg), timeout=20)
     assert served.returncode == 2 and "does not exist" in served.stderr
+
+
+@pytest.mark.parametrize("mode", ["embedded", "config", "workers"])
+def test_a_busy_port_is_one_line_not_a_traceback(tmp_path, mode):
+    import socket
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    listen = f"127.0.0.1:{busy.getsockname()[1]}"
+    try:
+        if mode == "embedded":
+            args = ["serve", "--listen", listen]
+        else:
+            cfg = tmp_path / "gw.toml"
+            cfg.write_text(f'[server]\nlisten = "{listen}"\n\n[[tiers]]\nname = "t"\n'
+                           'upstreams = ["http://127.0.0.1:9"]\nmodels = ["m"]\n')
+            args = ["serve", "--config", str(cfg)] + (["--workers", "2"] if mode == "workers" else [])
+        r = run(*args)
+    finally:
+        busy.close()
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1] == f"spotinference: cannot listen on {listen}: Address already in use"
+    assert "Traceback" not in r.stderr

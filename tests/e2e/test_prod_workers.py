@@ -17,6 +17,7 @@ import threading
 import openai
 import pytest
 
+from proxy.process.restarts import BASE_S
 from tests.support.production import (
     ASK,
     add_key,
@@ -262,4 +263,32 @@ def test_one_worker_stopped_gracefully_leaves_the_port_serving(tmp_path):
                     outcomes.append("failed")
             assert outcomes == ["ok"] * 10
             assert [(e["pid"], e["code"]) for e in gw.events("worker_exited")] == [(victim, 0)]
+            assert gw.stop() == 0
+
+
+# -- 7. a crash loop backs off, is counted, and never takes the port out ---------------------------------
+
+def test_a_crash_loop_backs_off_counts_restarts_and_the_port_keeps_serving(tmp_path):
+    with sim(tmp_path) as up:
+        cfg = write_config(tmp_path, up.url)
+        with gateway(cfg, "--workers", "2") as gw:
+            ready(gw, 2)
+            victim = gw.events("supervisor_started")[0]["pids"][0]
+            for kills in range(1, 5):  # slot 0 crashes four times within a minute
+                os.kill(victim, signal.SIGKILL)
+                wait_for(lambda v=victim: [e for e in gw.events("worker_exited") if e["pid"] == v],
+                         "the kill seen", timeout=30)
+                # While the slot backs off, the other worker serves every request.
+                for _ in range(3):
+                    assert client(gw).chat.completions.create(model="sim-chat", messages=ASK, max_tokens=1).choices
+                wait_for(lambda k=kills: len(gw.events("worker_restarted")) >= k, "the restart", timeout=30)
+                victim = gw.events("worker_restarted")[-1]["pid"]
+                wait_for(lambda k=kills: len(gw.events("gateway_listening")) >= 2 + k, "it listening", timeout=30)
+            delays = [e["restart_in_s"] for e in gw.events("worker_exited")]
+            restarted = gw.events("worker_restarted")
+            assert [e["restarts"] for e in restarted] == [1, 2, 3, 4]
+            assert [e["index"] for e in restarted] == [0, 0, 0, 0]
+            assert delays == [0, 0, BASE_S, 2 * BASE_S]  # two free restarts a minute, then a back-off
+            samples = scrape(gw.url)["spotinference_worker_restarts_total"]
+            assert sum(samples.values()) == 4
             assert gw.stop() == 0
