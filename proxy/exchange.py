@@ -30,6 +30,17 @@ def _request_id(headers) -> bytes:
     return b"%s%010x" % (_RID_PREFIX, next(_rid_counter))
 
 
+MODEL_MAX = 256  # characters of a client's model name kept in records, logs and error messages
+
+
+def model_label(name: str) -> str:
+    """A client's model name as records keep it: whole up to MODEL_MAX characters, else cut and marked
+    (a 200 KB unrouted name must not land verbatim in the access log and the usage table)."""
+    if len(name) <= MODEL_MAX:
+        return name
+    return f"{name[:MODEL_MAX]}...[{len(name)} chars]"
+
+
 class Exchange:
     __slots__ = (
         "_done",

@@ -12,7 +12,7 @@ from __future__ import annotations
 from proxy import errors
 from proxy.accept.downstream import Downstream
 from proxy.admit.schemas import DECODERS
-from proxy.exchange import Exchange
+from proxy.exchange import Exchange, model_label
 from proxy.limits.charge import charge
 from proxy.parse.request import target_path
 from proxy.routing.forward import forward_to_tier
@@ -41,14 +41,14 @@ async def forward_inference(gw, ds: Downstream, ex: Exchange, request, key, rest
     check_declared(request, limit)
     body = await ds.read_body(limit, request)
     view = DECODERS[target_path(request.target)](body)
-    ex.model = view.model
+    ex.model = model_label(view.model)
     ex.stream = view.stream
     tier = gw.runtime.router.tier_for(view.model)
     if tier is None:
-        raise errors.model_not_found(view.model)
+        raise errors.model_not_found(ex.model)
     ex.tier = tier.name
     if key is not None and not key.allows_tier(tier.name):
-        raise errors.permission_denied(f"This API key may not use tier '{tier.name}' (model '{view.model}').")
+        raise errors.permission_denied(f"This API key may not use tier '{tier.name}' (model '{ex.model}').")
     limit_headers = charge(gw, ex, key, view, len(body))
     body, tap = choose_tap(view, body)
     await forward_to_tier(gw, ds, ex, tier, request, body, limit_headers, tap)

@@ -312,7 +312,6 @@ NOT_AN_OBJECT = {
     "number": b"42",
     "NaN": b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": NaN}',
     "trailing garbage": b'{"model": "m", "messages": [{"role": "user", "content": "x"}]} x',
-    "invalid utf-8": b'{"model": "\xff", "messages": [{"role": "user", "content": "x"}]}',
     "too deep": b'{"model": "m", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
 }
 
@@ -551,3 +550,33 @@ def test_sdk_stream_body_sets_stream():
         pass
     view = decode_chat(sent[0])
     assert view.stream is True and view.include_usage is True
+
+
+@pytest.mark.parametrize("body", [
+    b'{"model": "\xff", "messages": [{"role": "user", "content": "x"}]}',
+    b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "vendor_extra": "\xc3\x28"}',
+    b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "\xed\xa0\x80": 1}',  # a surrogate key
+])
+@pytest.mark.parametrize("decode", [decode_chat, decode_completion, decode_embedding])
+def test_invalid_utf8_anywhere_is_refused_with_its_offset(decode, body):
+    err = rejected(decode, body)
+    start = body.decode("utf-8", "replace").find("\ufffd")
+    assert err.param is None
+    assert err.message == f"We could not parse the JSON body of your request: it is not valid UTF-8 (byte {start})."
+
+
+def test_valid_non_ascii_passes():
+    view = decode_chat(chat(messages=[{"role": "user", "content": "héllo wörld ✓ 日本"}]))
+    assert view.model == "m"
+
+
+@pytest.mark.parametrize(("decode", "field", "body_of"), [
+    (decode_chat, "max_tokens", chat), (decode_chat, "max_completion_tokens", chat), (decode_chat, "n", chat),
+    (decode_chat, "top_logprobs", chat), (decode_completion, "max_tokens", completion),
+    (decode_completion, "logprobs", completion), (decode_completion, "n", completion),
+    (decode_embedding, "dimensions", embedding),
+])
+def test_every_integer_read_is_bounded_and_named(decode, field, body_of):
+    body = body_of().replace(b'"model"', b'"%s": %s, "model"' % (field.encode(), b"9" * 400))
+    err = rejected(decode, body)
+    assert err.param == field and f"'{field}'" in err.message
