@@ -86,9 +86,10 @@ def not_found(path: str) -> ApiError:
     return ApiError(404, f"Unknown request URL: {path}.", "invalid_request_error", code="unknown_url")
 
 
-def method_not_allowed(method: str, path: str) -> ApiError:
+def method_not_allowed(method: str, path: str, allowed: tuple[bytes, ...]) -> ApiError:
+    # RFC 9110 15.5.6: a 405 carries Allow, the methods the target supports.
     return ApiError(405, f"Method {method} is not allowed on {path}.", "invalid_request_error",
-                    code="method_not_allowed")
+                    code="method_not_allowed", headers=((b"allow", b", ".join(allowed)),))
 
 
 def body_too_large(limit: int) -> ApiError:

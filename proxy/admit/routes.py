@@ -21,7 +21,7 @@ from proxy.admit.auth import authenticate
 from proxy.admit.inference import forward_inference
 from proxy.admit.local import handle_healthz, handle_metrics, handle_models
 from proxy.exchange import Exchange
-from proxy.parse.request import target_path
+from proxy.parse.request import origin_form, target_path
 
 # path -> (methods, handler, needs key, endpoint label)
 ROUTES = {
@@ -54,6 +54,8 @@ def _only_api_error(exc: Exception) -> errors.ApiError | None:
 
 async def dispatch(gw, ds: Downstream, request) -> None:
     """Handle one request: send exactly one response (or end the connection)."""
+    if request.target[:1] != b"/":
+        request.target = origin_form(request.target)
     path = target_path(request.target)
     ex = Exchange(gw, request, ds.client)
     try:
@@ -63,7 +65,7 @@ async def dispatch(gw, ds: Downstream, request) -> None:
             raise errors.not_found(path.decode("latin-1"))
         methods, handler, needs_key, ex.endpoint = entry
         if request.method not in methods:
-            raise errors.method_not_allowed(request.method.decode("latin-1"), path.decode("latin-1"))
+            raise errors.method_not_allowed(request.method.decode("latin-1"), path.decode("latin-1"), methods)
         key = None
         if needs_key:
             key, err = authenticate(gw.runtime.keys, request.headers)

@@ -75,6 +75,22 @@ def target_path(target: bytes) -> bytes:
     return target if q < 0 else target[:q]
 
 
+def origin_form(target: bytes) -> bytes:
+    """Absolute-form (`http://host:8080/v1/models?x`, which RFC 9112 3.2.2 says a server MUST accept)
+    as origin-form (`/v1/models?x`; an empty path is `/`), so routing and the upstream (uvicorn takes the
+    target as the path) see one shape. Anything else (`*`, authority-form) comes back as it is and
+    routes nowhere. The dispatcher calls it only for a target that does not start with `/`."""
+    low = target[:8].lower()
+    skip = 7 if low.startswith(b"http://") else 8 if low.startswith(b"https://") else 0
+    if not skip:
+        return target
+    slash = target.find(b"/", skip)
+    query = target.find(b"?", skip)
+    if query >= 0 and (slash < 0 or query < slash):
+        return b"/" + target[query:]
+    return b"/" if slash < 0 else target[slash:]
+
+
 def _bad(message: str) -> RequestError:
     return RequestError(400, message)
 

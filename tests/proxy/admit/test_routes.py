@@ -95,16 +95,19 @@ async def test_unknown_path_is_404_in_the_openai_envelope():
     assert (ex.status, ex.error_type, ex.endpoint) == (404, "unknown_url", "unknown")
 
 
-@pytest.mark.parametrize("head, method, path, endpoint", [
-    (b"POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n", "POST", "/healthz", "healthz"),
-    (b"GET /v1/chat/completions HTTP/1.1\r\nHost: x\r\n\r\n", "GET", "/v1/chat/completions", "chat"),
-    (b"DELETE /v1/models/sim-chat HTTP/1.1\r\nHost: x\r\n\r\n", "DELETE", "/v1/models/sim-chat", "models"),
+@pytest.mark.parametrize("head, method, path, endpoint, allow", [
+    (b"POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n", "POST", "/healthz", "healthz",
+     "GET, HEAD"),
+    (b"GET /v1/chat/completions HTTP/1.1\r\nHost: x\r\n\r\n", "GET", "/v1/chat/completions", "chat", "POST"),
+    (b"DELETE /v1/models/sim-chat HTTP/1.1\r\nHost: x\r\n\r\n", "DELETE", "/v1/models/sim-chat", "models",
+     "GET"),
 ])
-async def test_wrong_method_is_405(head, method, path, endpoint):
+async def test_wrong_method_is_405_with_allow(head, method, path, endpoint, allow):
     gw = gateway()
     raw, _, _ = await serve_one(gw, head)
     assert raw.startswith(b"HTTP/1.1 405 Method Not Allowed\r\n")
-    _status, _headers, body = split_response(raw)
+    _status, headers, body = split_response(raw)
+    assert headers["allow"] == allow  # RFC 9110 15.5.6
     assert error_of(body) == {"message": f"Method {method} is not allowed on {path}.",
                               "type": "invalid_request_error", "param": None, "code": "method_not_allowed"}
     [ex] = gw.finished
