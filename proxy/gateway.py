@@ -25,6 +25,7 @@ from proxy.limits.shared_table import open_limiter
 from proxy.observe import logs
 from proxy.observe.access import access_fields
 from proxy.routing.tiers import Router
+from proxy.upstream.headers import trusted_networks
 from proxy.upstream.pool import Pool
 from proxy.usage.record import usage_row
 
@@ -33,6 +34,7 @@ class Runtime(NamedTuple):
     config: Config
     keys: KeyStore
     router: Router
+    trusted_proxies: tuple = ()  # [server] trusted_proxies as ip networks (upstream/headers.py)
 
 
 def build_runtime(config: Config, *, created: int | None = None) -> Runtime:
@@ -44,7 +46,8 @@ def build_runtime(config: Config, *, created: int | None = None) -> Runtime:
         keys = KeyStore.from_file(config.auth.keys_file)
     else:
         keys = KeyStore(None, open=True)
-    return Runtime(config, keys, Router(config, created if created is not None else int(time.time())))
+    return Runtime(config, keys, Router(config, created if created is not None else int(time.time())),
+                   trusted_networks(config.server.trusted_proxies))
 
 
 class Gateway:

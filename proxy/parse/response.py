@@ -1,24 +1,46 @@
-"""A minimal HTTP/1.1 response reader for the upstream side (vLLM / uvicorn), on a byte buffer.
+"""A strict HTTP/1.1 response reader for the upstream side (vLLM / uvicorn), on a byte buffer.
 
-Strategy: the upstream is a known peer on the private network speaking plain HTTP/1.1 responses;
-h11's general machinery (event objects, header validation, a state machine per event) cost more CPU
-per request than all of the gateway's own logic, so this side parses by hand -- strictly, and with
-limits, because a broken upstream must become a clean 502, never a hang or a confused pool:
-- status line `HTTP/1.x NNN reason`, headers `name: value` (names lowercased), head <= 64 KiB;
-- body framing per RFC 9112 6.3: no body for 1xx/204/304 (and HEAD, which we never send);
-  `Transfer-Encoding: chunked` (must be the final coding); else `Content-Length` (one valid value);
-  else read until close (never reusable);
-- chunked bodies: proxy/parse/chunked.py, the same strict decoder as the request side;
-- keep-alive unless `Connection: close` or HTTP/1.0 without `keep-alive`.
-Anything else raises `ResponseError`. The reader never blocks: `feed()` bytes in, pull what is
+Strategy: the upstream is a peer on the private network speaking plain HTTP/1.1 responses; h11's
+general machinery (event objects, header validation, a state machine per event) cost more CPU per
+request than all of the gateway's own logic, so this side parses by hand -- held to the same rules
+as the client side (proxy/parse/request.py), because the gateway relays what it reads and a broken
+or hostile upstream must become a clean 502, never a relayed bad head, a hang or a confused pool:
+- Heads are found with one `find(b"\\r\\n\\r\\n")` per call, resumed where the last call stopped,
+  and checked as a whole: one `translate` proves the head holds no control byte but HTAB and the
+  CRLF pairs that split its lines (so no bare LF or CR, no NUL, no CR/LF inside a value), one regex
+  proves every field line starts `token:` (no obs-fold, no whitespace before the colon, no invalid
+  name). An incomplete head is scanned as it arrives: a bare LF or a bad status line is refused at
+  once, not at the first-byte timeout. Head <= 64 KiB.
+- Status line `HTTP/1.1 NNN reason` or `HTTP/1.0 NNN reason` (the reason may be empty or absent),
+  NNN 100-599. 101 is refused: we never ask for an upgrade (upstream/headers.py drops Upgrade).
+- Framing (RFC 9112 6.3) as the request side: Transfer-Encoding with Content-Length -> error;
+  Transfer-Encoding on HTTP/1.0 -> error; Transfer-Encoding other than exactly one `chunked` ->
+  error -- the gateway re-frames what it relays and decodes no other coding, so even `gzip, chunked`
+  (valid HTTP) is refused; Content-Length 1*DIGIT of at most 18 digits, repeated or comma-listed
+  values must be identical strings. No body for 1xx/204/304 (and HEAD, which we never send); else
+  chunked; else Content-Length; else read until close (never reusable).
+- Chunked bodies: proxy/parse/chunked.py, the same strict decoder as the request side.
+- keep-alive: HTTP/1.1 unless a `Connection` header lists `close`; HTTP/1.0 only with `keep-alive`
+  (tokens of all Connection headers, case-insensitive).
+Anything else raises `ResponseError` (upstream/connection.py turns it into `UpstreamClosed`, which
+the request path answers with 502). The reader never blocks: `feed()` bytes in, pull what is
 complete out; the caller owns the socket and the timeouts.
 """
 
 from __future__ import annotations
 
+import re
+
+from proxy.parse.chunked import FIELD_OK as _FIELD_OK
 from proxy.parse.chunked import ChunkedDecoder, ChunkError
 
 MAX_HEAD = 65536
+MAX_CONTENT_LENGTH_DIGITS = 18  # as the request side: < 10**18 bytes, and int() never sees a huge string
+
+# A CRLF in a head not followed by `token:` -- obs-fold, no colon, whitespace before the colon.
+_BAD_FIELD_START = re.compile(rb"\r\n(?![-!#$%&'*+.^_`|~0-9A-Za-z]+:)")
+_FRAMING = frozenset((b"content-length", b"transfer-encoding", b"connection"))
+_VERSIONS = {b"HTTP/1.1": b"1.1", b"HTTP/1.0": b"1.0"}
 
 
 class ResponseError(Exception):
@@ -39,44 +61,87 @@ class ResponseHead:
         self.http_version = http_version
 
 
+def _status_line(line: bytes) -> tuple[bytes, int, bytes]:
+    """(version, status, reason) of a status line already known to hold no control byte but HTAB."""
+    parts = line.split(b" ", 2)
+    version = _VERSIONS.get(parts[0])
+    code = parts[1] if len(parts) > 1 else b""
+    if version is None or len(code) != 3 or not code.isdigit() or not b"100" <= code <= b"599":
+        raise ResponseError(f"bad status line {line[:80]!r}")
+    if code == b"101":
+        raise ResponseError("unexpected 101 Switching Protocols")
+    return version, int(code), parts[2] if len(parts) == 3 else b""
+
+
+def _content_length(values: list[bytes]) -> int:
+    if len(values) == 1:
+        value = values[0]
+        if value.isdigit() and len(value) <= MAX_CONTENT_LENGTH_DIGITS:
+            return int(value)
+    first = None
+    for value in values:
+        for item in value.split(b","):
+            item = item.strip(b" \t")
+            if not item.isdigit() or len(item) > MAX_CONTENT_LENGTH_DIGITS:  # b"".isdigit() is False
+                raise ResponseError(f"bad Content-Length {item[:40]!r}")
+            if first is None:
+                first = item
+            elif item != first:
+                raise ResponseError("conflicting Content-Length")
+    return int(first)
+
+
 def parse_head(block: bytes) -> ResponseHead:
-    """Parse a head (without the final CRLFCRLF)."""
+    """Parse a complete head (without the final CRLFCRLF)."""
     lines = block.split(b"\r\n")
-    status_line = lines[0]
-    parts = status_line.split(b" ", 2)
-    if len(parts) < 2 or parts[0] not in (b"HTTP/1.1", b"HTTP/1.0") or len(parts[1]) != 3 or not parts[1].isdigit():
-        raise ResponseError(f"bad status line {status_line[:80]!r}")
-    version = parts[0][5:]
-    status = int(parts[1])
-    reason = parts[2] if len(parts) == 3 else b""
+    n = len(lines) - 1
+    # Every byte is HTAB/SP/VCHAR/obs-text except exactly the n CRLFs that split the lines.
+    if block.translate(None, _FIELD_OK) != b"\r\n" * n:
+        raise ResponseError("control character or bare CR/LF in response head")
+    version, status, reason = _status_line(lines[0])
+    if n and _BAD_FIELD_START.search(block) is not None:
+        raise ResponseError("malformed header line")
     headers = []
+    append = headers.append
+    framing = None
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        name = name.lower()
+        value = value.strip()  # only SP/HTAB can be there (the head has no other whitespace)
+        append((name, value))
+        if name in _FRAMING:
+            if framing is None:
+                framing = [(name, value)]
+            else:
+                framing.append((name, value))
+    keep_alive = version == b"1.1"
     content_length = None
     chunked = False
-    connection = b""
-    for line in lines[1:]:
-        name, sep, value = line.partition(b":")
-        if not sep or not name or name != name.strip() or b" " in name:
-            raise ResponseError(f"bad header line {line[:80]!r}")
-        name = name.lower()
-        value = value.strip(b" \t")
-        if name == b"content-length":
-            if not value.isdigit() or (content_length is not None and int(value) != content_length):
-                raise ResponseError("bad Content-Length")
-            content_length = int(value)
-        elif name == b"transfer-encoding":
-            codings = [c.strip().lower() for c in value.split(b",")]
-            if codings[-1] != b"chunked" or codings.count(b"chunked") != 1:
-                raise ResponseError(f"unsupported Transfer-Encoding {value[:40]!r}")
+    if framing is not None:
+        cl = te = conn = None
+        for name, value in framing:
+            if name == b"content-length":
+                cl = [value] if cl is None else cl + [value]
+            elif name == b"transfer-encoding":
+                te = [value] if te is None else te + [value]
+            else:
+                conn = [value] if conn is None else conn + [value]
+        if te is not None:
+            if cl is not None:
+                raise ResponseError("both Transfer-Encoding and Content-Length")
+            if version == b"1.0":
+                raise ResponseError("Transfer-Encoding in an HTTP/1.0 response")
+            if len(te) != 1 or te[0].lower() != b"chunked":
+                raise ResponseError(f"unsupported Transfer-Encoding {b', '.join(te)[:40]!r}")
             chunked = True
-        elif name == b"connection":
-            connection = value.lower()
-        headers.append((name, value))
-    if chunked:
-        content_length = None  # RFC 9112 6.3: Transfer-Encoding overrides Content-Length
-    if version == b"1.1":
-        keep_alive = b"close" not in connection
-    else:
-        keep_alive = b"keep-alive" in connection
+        elif cl is not None:
+            content_length = _content_length(cl)
+        if conn is not None:
+            tokens = [t.strip(b" \t") for v in conn for t in v.lower().split(b",")]
+            if b"close" in tokens:
+                keep_alive = False
+            elif version == b"1.0":
+                keep_alive = b"keep-alive" in tokens
     if status < 200 or status in (204, 304):
         content_length, chunked = 0, False
     return ResponseHead(status, reason, headers, content_length, chunked, keep_alive, version)
@@ -85,7 +150,8 @@ def parse_head(block: bytes) -> ResponseHead:
 class ResponseReader:
     """Incremental reader of one response at a time on a keep-alive connection."""
 
-    __slots__ = ("_chunked", "_remaining", "_state", "buf", "complete", "eof", "head")
+    __slots__ = ("_chunked", "_lf_scan", "_line_checked", "_remaining", "_scan", "_state", "buf", "complete",
+                 "eof", "head")
 
     # body states
     _CL, _CHUNKED, _UNTIL_CLOSE, _DONE = range(4)
@@ -96,6 +162,9 @@ class ResponseReader:
         self._remaining = 0
         self._chunked: ChunkedDecoder | None = None
         self._state = self._DONE
+        self._scan = 0             # where the next search for the head's end starts
+        self._lf_scan = 0          # incomplete head: LFs before this offset are checked
+        self._line_checked = False  # incomplete head: its status line is checked
         self.eof = False
         self.complete = False
 
@@ -104,6 +173,8 @@ class ResponseReader:
         self.head = None
         self.complete = False
         self._state = self._DONE
+        self._scan = self._lf_scan = 0
+        self._line_checked = False
 
     def feed(self, data: bytes) -> None:
         if data:
@@ -113,18 +184,20 @@ class ResponseReader:
 
     def next_head(self) -> ResponseHead | None:
         """A complete final (non-1xx) head if buffered, else None. Raises ResponseError."""
+        buf = self.buf
         while True:
-            end = self.buf.find(b"\r\n\r\n")
+            end = buf.find(b"\r\n\r\n", self._scan)
             if end < 0:
-                if len(self.buf) > MAX_HEAD:
-                    raise ResponseError("response head too large")
-                if self.eof:
-                    raise ResponseError("connection closed before a response head")
+                self._incomplete_head()
                 return None
-            head = parse_head(bytes(self.buf[:end]))
-            del self.buf[:end + 4]
-            if 100 <= head.status < 200:
-                continue  # informational: skip
+            if end > MAX_HEAD:
+                raise ResponseError("response head too large")
+            head = parse_head(bytes(buf[:end]))
+            del buf[:end + 4]
+            self._scan = self._lf_scan = 0
+            self._line_checked = False
+            if head.status < 200:
+                continue  # informational (100, 103): skip
             self.head = head
             if head.chunked:
                 self._state = self._CHUNKED
@@ -139,6 +212,28 @@ class ResponseReader:
             if self.complete:
                 self._state = self._DONE
             return head
+
+    def _incomplete_head(self) -> None:
+        """No head end buffered: refuse now what can never become a valid head."""
+        buf = self.buf
+        size = len(buf)
+        if size > MAX_HEAD:
+            raise ResponseError("response head too large")
+        i = buf.find(b"\n", self._lf_scan)
+        while i >= 0:
+            if i == 0 or buf[i - 1] != 13:
+                raise ResponseError("bare LF in response head")
+            if not self._line_checked:
+                line = bytes(buf[:i - 1])
+                if line.translate(None, _FIELD_OK):
+                    raise ResponseError("control character in status line")
+                _status_line(line)
+                self._line_checked = True
+            i = buf.find(b"\n", i + 1)
+        self._lf_scan = size
+        self._scan = max(0, size - 3)
+        if self.eof:
+            raise ResponseError("connection closed before a response head")
 
     def read_body(self) -> bytes | None:
         """Body bytes available now (b"" once complete); None if more must be read from the socket.

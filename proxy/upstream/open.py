@@ -33,11 +33,12 @@ async def open_upstream(gw, ex: Exchange, tier, request, body: bytes):
     """Send the request to an upstream of `tier`; return (connection, response head)."""
     cfg = gw.runtime.config.upstream
     pool = gw.pool
+    trusted = gw.runtime.trusted_proxies
     target = request.target
     saw_connect_error = saw_reset = False
     for url, address in tier.candidates():
         head = encode_request(b"POST", target, upstream_headers(request.headers, tier, address, ex.request_id,
-                                                                 len(body), ex.client))
+                                                                 len(body), ex.client, trusted))
         for attempt in range(2):
             conn = pool.take_idle(address) if attempt == 0 else None
             reused = conn is not None

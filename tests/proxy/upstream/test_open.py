@@ -33,7 +33,8 @@ from tests.support.upstream_kit import (
 
 def upstream_request(port: int, body: bytes = BODY) -> bytes:
     return (b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1:%d\r\ncontent-type: application/json\r\n"
-            b"content-length: %d\r\nx-request-id: req-1\r\nx-forwarded-for: 10.1.2.3\r\n\r\n"
+            b"content-length: %d\r\nx-request-id: req-1\r\nx-forwarded-for: 10.1.2.3\r\n"
+            b"x-real-ip: 10.1.2.3\r\n\r\n"
             % (port, len(body))) + body
 
 
