@@ -47,6 +47,11 @@ class ResponseError(Exception):
     """The upstream did not speak HTTP/1.1 correctly."""
 
 
+class ResponseClosed(ResponseError):
+    """The connection closed before a single byte of a response head: a reset, not bad HTTP (a request
+    on a reused keep-alive connection the server was closing may be sent again)."""
+
+
 class ResponseHead:
     __slots__ = ("chunked", "content_length", "headers", "http_version", "keep_alive", "reason", "status")
 
@@ -233,7 +238,9 @@ class ResponseReader:
         self._lf_scan = size
         self._scan = max(0, size - 3)
         if self.eof:
-            raise ResponseError("connection closed before a response head")
+            if size == 0:
+                raise ResponseClosed("connection closed before a response head")
+            raise ResponseError("connection closed inside a response head")
 
     def read_body(self) -> bytes | None:
         """Body bytes available now (b"" once complete); None if more must be read from the socket.

@@ -24,7 +24,7 @@ import socket
 import trio
 
 from proxy import sockio
-from proxy.parse.response import ResponseError, ResponseHead, ResponseReader
+from proxy.parse.response import ResponseClosed, ResponseError, ResponseHead, ResponseReader
 
 # A request body is small; an upstream that does not take it within this long is dead.
 SEND_STALL_S = 30.0
@@ -32,6 +32,11 @@ SEND_STALL_S = 30.0
 
 class UpstreamClosed(Exception):
     """The upstream hung up or reset the connection."""
+
+
+class UpstreamProtocolError(Exception):
+    """The upstream sent a response head that is not valid HTTP/1.1 (parse/response.py's rules): answered
+    502, never relayed and never retried -- the upstream did answer, just not correctly."""
 
 
 class ConnState(enum.Enum):
@@ -104,8 +109,10 @@ class UpstreamConnection:
         while True:
             try:
                 head = reader.next_head()
-            except ResponseError as exc:
+            except ResponseClosed as exc:
                 raise UpstreamClosed(str(exc)) from None
+            except ResponseError as exc:
+                raise UpstreamProtocolError(str(exc)) from None
             if head is not None:
                 return head
             await self.receive()

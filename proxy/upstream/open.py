@@ -18,7 +18,7 @@ import trio
 from proxy import errors
 from proxy.exchange import Exchange
 from proxy.observe import logs
-from proxy.upstream.connection import UpstreamClosed, encode_request
+from proxy.upstream.connection import UpstreamClosed, UpstreamProtocolError, encode_request
 from proxy.upstream.headers import upstream_headers
 
 
@@ -64,6 +64,9 @@ async def open_upstream(gw, ex: Exchange, tier, request, body: bytes):
                 saw_reset = True
                 report_unreachable(tier, url)
                 break
+            except UpstreamProtocolError as exc:
+                pool.discard(conn)  # it answered, wrongly: never resent, never relayed, not "unreachable"
+                raise errors.bad_gateway(tier.name, f"invalid response head ({exc})") from None
             except trio.TooSlowError:
                 pool.discard(conn)
                 raise errors.upstream_timeout(tier.name, f"no response within {cfg.first_byte_s:g} s") from None

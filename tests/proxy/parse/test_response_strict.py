@@ -224,8 +224,24 @@ async def test_a_hostile_head_is_a_clean_502_and_the_gateway_serves_the_next_req
     assert bad.status_code == 502
     error = bad.json()["error"]
     assert error["code"] == "bad_gateway" and error["type"] == "server_error"
+    assert "invalid response head" in error["message"]  # it answered, wrongly: not a "reset"
     assert set(error) == {"message", "type", "param", "code"}
     assert "x-evil" not in bad.headers and "upgrade" not in bad.headers
     assert b"evil" not in bad.content
     assert good.status_code == 200 and good.content == OK_BODY
     assert len(server.requests) == 2
+
+
+async def test_a_hostile_head_on_a_reused_connection_is_not_sent_again(nursery):
+    # A reset on a reused keep-alive connection may be retried (the server closed it under us); a bad
+    # head may not: the upstream did get the request and answered it. It must see the POST once.
+    server = FakeUpstream(answer(OK_JSON), answer(HOSTILE["bare LF everywhere"]), answer(OK_JSON))
+    url = await server.start(nursery)
+    gw = await start_gateway(nursery, make_config([url]))
+    with trio.fail_after(15):
+        async with httpx.AsyncClient(base_url=gw.url, timeout=10) as http:
+            statuses = [(await http.post("/v1/chat/completions", content=CHAT,
+                                         headers={"content-type": "application/json"})).status_code
+                        for _ in range(3)]
+    assert statuses == [200, 502, 200]
+    assert len(server.requests) == 3
