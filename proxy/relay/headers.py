@@ -1,7 +1,8 @@
 """The response head the client gets: the upstream's headers, less hop-by-hop, plus ours.
 
 Strategy: one pass over the upstream's header list. Hop-by-hop headers are dropped (RFC 9110 7.6.1),
-and so is the upstream's framing (the relay re-frames); `x-request-id` and the rate-limit and wake
+those the upstream names in any `Connection` header too (a rare second pass, only when it names
+something), and so is the upstream's framing (the relay re-frames); `x-request-id` and the rate-limit and wake
 headers are added. SSE responses get `Cache-Control: no-cache` and `X-Accel-Buffering: no` (replacing
 the upstream's cache-control) so an nginx or load balancer in front does not buffer them.
 """
@@ -16,17 +17,31 @@ _SSE_HEADERS = ((b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no"))
 _EVENT_STREAM = b"text/event-stream"
 
 
+def _is_event_stream(value: bytes) -> bool:
+    # Media types are case-insensitive (RFC 9110 8.3.1): `Text/Event-Stream; charset=utf-8` is SSE too.
+    return value[:17].lower() == _EVENT_STREAM and (len(value) == 17 or value[17:18] in b"; \t")
+
+
 def response_headers(upstream_headers, request_id: bytes, extra) -> tuple[list, bool]:
     out = []
     sse = False
+    named = None
     for name, value in upstream_headers:
         if name in _DROP_RESPONSE:
             if name == b"cache-control":
                 out.append((name, value))  # kept unless SSE (replaced below)
+            elif name == b"connection":
+                for token in value.lower().split(b","):
+                    token = token.strip()
+                    if token and token not in (b"close", b"keep-alive"):
+                        named = named or set()
+                        named.add(token)
             continue
-        if name == b"content-type" and value.startswith(_EVENT_STREAM):
+        if name == b"content-type" and _is_event_stream(value):
             sse = True
         out.append((name, value))
+    if named:
+        out = [h for h in out if h[0] not in named]
     if sse:
         out = [h for h in out if h[0] != b"cache-control"]
         out.extend(_SSE_HEADERS)

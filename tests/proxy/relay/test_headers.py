@@ -32,7 +32,8 @@ def test_hop_by_hop_and_framing_are_dropped(name):
     assert (out, sse) == ([(b"server", b"uvicorn"), RID], False)
 
 
-@pytest.mark.parametrize("content_type", [b"text/event-stream", b"text/event-stream; charset=utf-8"])
+@pytest.mark.parametrize("content_type", [b"text/event-stream", b"text/event-stream; charset=utf-8",
+                                          b"Text/Event-Stream", b"TEXT/EVENT-STREAM;charset=UTF-8"])
 def test_sse_gets_no_cache_and_no_buffering_in_place_of_the_upstreams(content_type):
     upstream = [(b"content-type", content_type), (b"cache-control", b"max-age=60"),
                 (b"transfer-encoding", b"chunked"), (b"x-accel-buffering", b"yes"), (b"server", b"uvicorn")]
@@ -44,3 +45,15 @@ def test_sse_gets_no_cache_and_no_buffering_in_place_of_the_upstreams(content_ty
 
 def test_an_empty_upstream_head_still_gets_the_request_id():
     assert response_headers([], b"r", ()) == ([(b"x-request-id", b"r")], False)
+
+
+@pytest.mark.parametrize("content_type", [b"text/event-streamx", b"text/event", b"application/json"])
+def test_only_the_event_stream_media_type_is_sse(content_type):
+    assert response_headers([(b"content-type", content_type)], b"r", ())[1] is False
+
+
+def test_headers_named_in_any_connection_header_are_dropped():
+    upstream = [(b"connection", b"X-A, keep-alive"), (b"x-a", b"1"), (b"connection", b"x-b"), (b"x-b", b"2"),
+                (b"x-c", b"3"), (b"content-type", b"application/json")]
+    out, _ = response_headers(upstream, b"r", ())
+    assert out == [(b"x-c", b"3"), (b"content-type", b"application/json"), (b"x-request-id", b"r")]
