@@ -21,7 +21,7 @@ from proxy.admit.auth import authenticate
 from proxy.admit.inference import forward_inference
 from proxy.admit.local import handle_healthz, handle_metrics, handle_models
 from proxy.exchange import Exchange
-from proxy.parse.request import origin_form, target_path
+from proxy.parse.request import RequestError, origin_form, target_path
 
 # path -> (methods, handler, needs key, endpoint label)
 ROUTES = {
@@ -78,6 +78,9 @@ async def dispatch(gw, ds: Downstream, request) -> None:
         await ds.send_error(err, ex.request_id)
     except ClientGone:
         raise  # the connection loop's to handle: nobody to answer
+    except RequestError as exc:  # a bad body (chunking, EOF mid-body): connection.py answers it
+        ex.status, ex.error_type = exc.status, "bad_http"
+        raise
     except Exception as exc:  # noqa: BLE001 -- the crash barrier: this request ends with 500, the worker carries on
         err = _only_api_error(exc)
         if err is None:

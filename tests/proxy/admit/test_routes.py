@@ -19,6 +19,7 @@ from proxy.admit.inference import forward_inference
 from proxy.admit.local import handle_healthz, handle_metrics, handle_models
 from proxy.admit.routes import ROUTES, dispatch, route
 from proxy.gateway import build_runtime
+from proxy.parse.request import RequestError
 from tests.support.gateway import CountingGateway, dispatch_one, error_of, make_config, split_response
 
 DEAD = "http://127.0.0.1:9"  # never reached by anything below
@@ -220,6 +221,17 @@ async def test_body_timeout_is_recorded_as_408_once(autojump_clock):
     [ex] = gw.finished
     assert (ex.status, ex.error_type, ex.endpoint) == (408, "request_timeout", "chat")
     assert ex.model is None
+
+
+async def test_a_bad_chunked_body_is_recorded_as_the_400_the_client_gets():
+    gw = gateway()
+    req = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+           b"Transfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n")  # "zz" is no chunk size
+    with trio.fail_after(10), pytest.raises(RequestError) as info:
+        await serve_one(gw, req)
+    assert info.value.status == 400  # connection.py sends it and closes
+    [ex] = gw.finished
+    assert (ex.status, ex.error_type, ex.endpoint) == (400, "bad_http", "chat")
 
 
 async def test_cancelled_while_busy_is_499_once():
