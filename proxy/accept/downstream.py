@@ -8,6 +8,9 @@ Per-phase timeouts share ONE cancel scope per connection (`scope`, owned by conn
 deadline moves with `phase`: keep-alive idle until the first byte of a head (IDLE), then the request
 head (HEAD), then the request body (BODY, only while we actually wait for it); none while a handler
 runs (BUSY: the upstream path has its own). One deadline store per phase instead of a scope per read.
+The body's deadline is a minimum rate, as Apache's mod_reqtimeout MinRate: `body_grace_s` plus one
+second per `min_body_rate_bytes_s` bytes received so far, never past `request_body_s` -- a trickle is
+cut (408) soon after the grace, a slow but steady upload is not. It moves only when a read must wait.
 A client that closed, reset or stopped reading surfaces as `ClientGone` from the send methods.
 """
 
@@ -111,14 +114,20 @@ class Downstream:
         parts: list[bytes] = []
         size = 0
         asked_continue = False
+        started = hard = -1.0
         while True:
             data = reader.read_body()  # RequestError: bad chunking or EOF mid-body
             if data is None:
                 if head.expect_continue and not asked_continue:
                     asked_continue = True
                     await self.send_raw(b"HTTP/1.1 100 Continue\r\n\r\n")
-                if self.phase is not BODY:  # the body timeout runs only while we wait for it
-                    self._enter(BODY, self.limits.request_body_s)
+                limits = self.limits
+                if hard < 0:  # the body timeout runs only while we wait for it
+                    started = trio.current_time()
+                    hard = started + limits.request_body_s
+                self.phase = BODY
+                rate = limits.min_body_rate_bytes_s
+                self.scope.deadline = hard if rate <= 0 else min(hard, started + limits.body_grace_s + size / rate)
                 await self._receive()
                 continue
             if not data:

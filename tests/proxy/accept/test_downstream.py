@@ -126,7 +126,7 @@ async def test_idle_timeout_fires_in_the_idle_phase(autojump_clock):
 
 async def test_read_body_in_pieces_runs_the_body_timeout_only_while_waiting(autojump_clock):
     seen = []
-    with downstream(request_body_s=60.0) as (ds, client):
+    with downstream(request_body_s=60.0, min_body_rate_bytes_s=0) as (ds, client):
         client.send(post(b"hel", length=10))
         head = await ds.read_head()
 
@@ -220,7 +220,7 @@ async def test_read_body_with_bad_chunking_is_400():
 
 
 async def test_a_slow_body_fires_the_scope_in_the_body_phase(autojump_clock):
-    with downstream(request_body_s=60.0) as (ds, client):
+    with downstream(request_body_s=60.0, min_body_rate_bytes_s=0) as (ds, client):
         client.send(post(b"abc", length=10))
         head = await ds.read_head()
         t0 = trio.current_time()
@@ -228,6 +228,65 @@ async def test_a_slow_body_fires_the_scope_in_the_body_phase(autojump_clock):
         pytest.fail("read_body returned a body that never came")  # pragma: no cover
     assert ds.scope.cancelled_caught and ds.phase is BODY
     assert trio.current_time() - t0 == pytest.approx(60.0)
+
+
+# -- the body's minimum rate (mod_reqtimeout's MinRate) ------------------------------------------
+
+async def _feed(client: socket.socket, data: bytes, piece: int, every_s: float) -> None:
+    """Send `data` in `piece`-byte writes, one every `every_s` seconds (waiting for room as needed)."""
+    for i in range(0, len(data), piece):
+        await trio.sleep(every_s)
+        view = memoryview(data[i:i + piece])
+        while view:
+            await trio.lowlevel.wait_writable(client)
+            try:
+                view = view[client.send(view):]
+            except BlockingIOError:
+                pass
+
+
+async def _body_at(rate_s: float, piece: int, total: int, **server) -> tuple[bool, float, int]:
+    """(cut, seconds until cut or done, bytes read) for a body of `total` bytes sent at `piece` bytes
+    every `rate_s` seconds."""
+    with downstream(**server) as (ds, client):
+        client.send(post(b"", length=total))
+        head = await ds.read_head()
+        t0 = trio.current_time()
+        got = b""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_feed, client, b"x" * total, piece, rate_s)
+            try:
+                got = await ds.read_body(total + 1, head)
+            finally:
+                nursery.cancel_scope.cancel()
+    return ds.scope.cancelled_caught, trio.current_time() - t0, len(got)
+
+
+@pytest.mark.parametrize(("piece", "every_s", "cut_by_s"), [
+    (1, 1.0, 10.1),     # a byte a second: cut right after the 10 s grace
+    (250, 1.0, 20.5),   # half the minimum rate: cut at grace / (1 - 1/2)
+    (100, 0.5, 17.0),   # 200 B/s
+])
+async def test_a_trickling_body_is_cut_soon_after_the_grace_not_at_request_body_s(autojump_clock, piece, every_s,
+                                                                                cut_by_s):
+    cut, elapsed, _ = await _body_at(every_s, piece, 100_000, request_body_s=60.0, body_grace_s=10.0,
+                                     min_body_rate_bytes_s=500)
+    assert cut
+    assert 10.0 <= elapsed <= cut_by_s < 30.0
+
+
+async def test_an_8_mib_upload_at_1_mb_s_is_never_cut(autojump_clock):
+    total = 8 * 1024 * 1024
+    cut, elapsed, n = await _body_at(1 / 16, 65536, total, request_body_s=60.0, body_grace_s=10.0,
+                                     min_body_rate_bytes_s=500)
+    assert not cut and n == total
+    assert 7.5 <= elapsed <= 9.0
+
+
+async def test_a_steady_body_just_above_the_rate_runs_to_request_body_s(autojump_clock):
+    cut, elapsed, _ = await _body_at(1.0, 600, 1_000_000, request_body_s=60.0, body_grace_s=10.0,
+                                     min_body_rate_bytes_s=500)
+    assert cut and elapsed == pytest.approx(60.0)
 
 
 # -- response framing ----------------------------------------------------------------------------

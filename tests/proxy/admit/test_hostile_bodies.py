@@ -100,3 +100,33 @@ async def test_a_huge_unrouted_model_name_is_cut_in_the_answer_the_access_log_an
     access = [rec for line in buf.getvalue().splitlines() if (rec := msgspec.json.decode(line))["event"] == "access"]
     assert [a["model"] for a in access] == [model]
     assert len(buf.getvalue()) < 5000
+
+
+async def test_a_trickled_body_is_a_408_long_before_request_body_s(nursery):
+    # Real time, real socket: a grace of 0.5 s (the default is 10 s, tested on a fake clock in
+    # test_downstream.py), a byte every 0.1 s against a 500 B/s minimum.
+    _, sim_url = await start_sim(nursery)
+    gw = await start_gateway(nursery, make_config([sim_url], server={"body_grace_s": 0.5, "request_body_s": 60.0}))
+    stream = await trio.open_tcp_stream("127.0.0.1", gw.port)
+    t0 = trio.current_time()
+    with trio.fail_after(10):
+        async with stream:
+            await stream.send_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                                  b"\r\nContent-Length: 1000\r\n\r\n")
+            raw = b""
+
+            async def trickle():
+                with trio.move_on_after(8):
+                    while True:
+                        await trio.sleep(0.1)
+                        await stream.send_all(b" ")
+
+            async with trio.open_nursery() as n:
+                n.start_soon(trickle)
+                while chunk := await stream.receive_some(65536):
+                    raw += chunk
+                n.cancel_scope.cancel()
+    assert raw.startswith(b"HTTP/1.1 408 Request Timeout\r\n")
+    assert trio.current_time() - t0 < 5.0  # not request_body_s (60 s)
+    _status, _, body = split_response(raw)
+    assert msgspec.json.decode(body)["error"]["code"] == "request_timeout"
