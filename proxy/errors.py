@@ -97,10 +97,19 @@ def body_too_large(limit: int) -> ApiError:
                     code="request_too_large")
 
 
+SDK_MAX_RETRY_AFTER_S = 60.0
+
+
 def rate_limited(message: str, retry_after_s: float, headers: tuple[tuple[bytes, bytes], ...] = ()) -> ApiError:
-    ra = str(max(1, int(retry_after_s + 0.999))).encode()
-    return ApiError(429, message, "rate_limit_error", code="rate_limit_exceeded",
-                    headers=((b"retry-after", ra),) + headers)
+    """429. openai-python and anthropic-sdk honour Retry-After only up to 60 s and otherwise retry on
+    their own short back-off -- into the same 429: past 60 s (or with no wait that helps, 0), tell them
+    not to retry (`x-should-retry: false`, which both read first)."""
+    if retry_after_s <= 0 or retry_after_s > SDK_MAX_RETRY_AFTER_S:
+        if (b"x-should-retry", b"false") not in headers:
+            headers += ((b"x-should-retry", b"false"),)
+    if retry_after_s > 0:
+        headers = ((b"retry-after", str(max(1, int(retry_after_s + 0.999))).encode()),) + headers
+    return ApiError(429, message, "rate_limit_error", code="rate_limit_exceeded", headers=headers)
 
 
 def upstream_unreachable(tier: str) -> ApiError:

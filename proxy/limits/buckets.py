@@ -8,10 +8,12 @@ OpenAI's headers describe: ``x-ratelimit-reset-*`` is "the time until the rate l
 initial state", i.e. until the bucket is full again.
 
 Tokens are charged up front -- ``max_tokens`` plus an estimate of the prompt, computed by the caller --
-and reconciled with vLLM's usage once the answer is known (`RateLimiter.reconcile`). A bucket may go into
-debt (negative level): a request larger than the whole limit is admitted when the bucket is full and
-then empties it below zero, and an answer that used more than was charged pushes it down the same way;
-later requests wait until the debt has refilled. A refused request consumes nothing.
+and reconciled with vLLM's usage once the answer is known (`RateLimiter.reconcile`). A request larger
+than the whole tokens-per-minute limit can never be admitted: it is refused at once (``never``), with
+OpenAI's "Request too large" wording and ``x-should-retry: false`` -- waiting would not help, and
+admitting it from a full bucket would let one request spend minutes of the key's allowance. A bucket may
+still go into debt (negative level) when an answer used more than was charged; later requests wait
+until the debt has refilled. A refused request consumes nothing.
 
 Headers follow OpenAI's names (``x-ratelimit-{limit,remaining,reset}-{requests,tokens}``) and its
 duration format for the reset values: Go-style ``1s``, ``6m0s``, ``20ms``, ``1.5s``, rounded up to whole
@@ -49,9 +51,14 @@ class Admission(msgspec.Struct, frozen=True):
     exceeded: str | None = None
     limit: float = 0.0
     requested: int = 0
+    never: bool = False  # larger than the whole limit: no wait admits it
 
     def message(self, key_name: str) -> str:
         """OpenAI-style text for the 429 body; names the key, never its secret."""
+        if self.never:
+            return (f"Request too large for key '{key_name}' on tokens per min (TPM): Limit {_num(self.limit)}, "
+                    f"Requested {self.requested}. The input or output tokens must be reduced in order to run "
+                    "successfully (the request is counted as its body size / 4 plus max_tokens).")
         if self.exceeded == "tokens":
             what = f"tokens per min (TPM): Limit {_num(self.limit)}, Requested {self.requested}"
         else:
@@ -149,6 +156,9 @@ def fit(bucket: Bucket | None, limit: float, now: float) -> Bucket:
 def decide(rb: Bucket | None, tb: Bucket | None, tokens_estimate: int) -> Admission:
     """Admit one request and `tokens_estimate` tokens against refilled buckets (charging them), or refuse
     without charging. At least one bucket is given."""
+    if tb is not None and tokens_estimate > tb.cap:
+        headers = _headers(rb, tb) + ((b"x-should-retry", b"false"),)
+        return Admission(False, 0.0, headers, "tokens", tb.cap, tokens_estimate, never=True)
     wait = 0.0
     exceeded = None
     limit = 0.0
@@ -157,9 +167,7 @@ def decide(rb: Bucket | None, tb: Bucket | None, tokens_estimate: int) -> Admiss
         if w > 0:
             wait, exceeded, limit = w, "requests", rb.cap
     if tb is not None:
-        # A request above the whole limit needs a full bucket, not an impossible one.
-        need = min(tb.cap, tokens_estimate)
-        w = tb.wait_for(need)
+        w = tb.wait_for(tokens_estimate)
         if w > wait:
             wait, exceeded, limit = w, "tokens", tb.cap
     allowed = exceeded is None

@@ -20,7 +20,7 @@ import time
 import openai
 import pytest
 
-from tests.support.production import ASK, add_key, client, gateway, sim, worker_of, write_config
+from tests.support.production import ASK, add_key, client, gateway, sim, wait_for, worker_of, write_config
 
 _UNIT = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
 
@@ -131,3 +131,27 @@ def test_rpm_and_tpm_limits_are_exact(tmp_path, workers):
                 wait_ms = int(h["retry-after-ms"])
                 assert (charged - (100 - used) - elapsed * 100 / 60) * 600 - 1 <= wait_ms <= (charged - (100 - used)) * 600 + 1
             assert gw.stop() == 0
+
+
+def test_a_request_larger_than_the_whole_tpm_is_refused_once_and_the_sdk_does_not_retry(tmp_path):
+    keys_file = tmp_path / "keys.toml"
+    secret = add_key(keys_file, "small", "--tpm", "2000")
+    with sim(tmp_path) as up:
+        cfg = write_config(tmp_path, up.url, keys_file=keys_file)
+        with gateway(cfg) as gw:
+            # The SDK's own retry policy (2 retries): x-should-retry: false must stop it.
+            c = openai.OpenAI(base_url=gw.url + "/v1", api_key=secret, max_retries=2, timeout=30)
+            t0 = time.monotonic()
+            with pytest.raises(openai.RateLimitError) as info:
+                c.chat.completions.create(model="sim-chat", messages=ASK, max_tokens=5000)
+            assert time.monotonic() - t0 < 5  # no back-off sleeps: refused once
+            err = info.value
+            assert err.response.headers["x-should-retry"] == "false"
+            assert "retry-after" not in err.response.headers
+            assert err.message.startswith("Error code: 429 - ")
+            assert "Request too large for key 'small' on tokens per min (TPM): Limit 2000, Requested" in err.message
+            # A request that fits is still served: nothing was charged for the refused one.
+            assert c.chat.completions.create(model="sim-chat", messages=ASK, max_tokens=5).choices
+            wait_for(lambda: len(gw.events("access")) >= 2, "the access lines")
+            statuses = [e["status"] for e in gw.events("access")]
+            assert statuses == [429, 200]  # the SDK sent the refused request once

@@ -100,15 +100,34 @@ def test_reconcile_refunds_and_charges() -> None:
     rl.reconcile("nobody", 10, 5)  # unknown key: no-op
 
 
-def test_request_larger_than_the_limit_needs_a_full_bucket() -> None:
+def test_a_request_larger_than_the_whole_limit_is_refused_at_once_and_never_retried() -> None:
     clock = FakeClock()
     rl = RateLimiter(clock)
     big = rl.admit("k", None, 1000, 5000)
-    assert big.allowed  # full bucket: admitted, leaves a debt of 4000
-    nxt = rl.admit("k", None, 1000, 5000)
-    assert not nxt.allowed
-    assert nxt.retry_after_s == pytest.approx(5000 / (1000 / 60))  # debt + a full bucket
-    assert hdr(nxt)["x-ratelimit-reset-tokens"] == "5m0s"
+    assert not big.allowed and big.never and big.exceeded == "tokens"
+    assert hdr(big)["x-should-retry"] == "false"
+    assert hdr(big)["x-ratelimit-remaining-tokens"] == "1000"  # it consumed nothing
+    assert big.message("k").startswith("Request too large for key 'k' on tokens per min (TPM): Limit 1000, "
+                                        "Requested 5000.")
+    err = rate_limited(big.message("k"), big.retry_after_s, big.headers)
+    h = dict(err.headers)
+    assert err.status == 429 and h[b"x-should-retry"] == b"false" and b"retry-after" not in h
+    assert list(h).count(b"x-should-retry") == 1
+    assert rl.admit("k", None, 1000, 1000).allowed  # exactly the limit still fits a full bucket
+
+
+def test_a_wait_longer_than_the_sdks_honour_says_do_not_retry() -> None:
+    clock = FakeClock()
+    rl = RateLimiter(clock)
+    assert rl.admit("k", None, 1000, 1000).allowed  # bucket empty: 60 s to refill 1000
+    at_60 = rl.admit("k", None, 1000, 1000)
+    err = rate_limited(at_60.message("k"), at_60.retry_after_s, at_60.headers)
+    assert dict(err.headers)[b"retry-after"] == b"60" and b"x-should-retry" not in dict(err.headers)
+    rl.reconcile("k", 1000, 1500)  # the answer used more than charged: a debt of 500
+    over = rl.admit("k", None, 1000, 1000)
+    assert over.retry_after_s == pytest.approx(90.0)
+    err = rate_limited(over.message("k"), over.retry_after_s, over.headers)
+    assert dict(err.headers)[b"retry-after"] == b"90" and dict(err.headers)[b"x-should-retry"] == b"false"
 
 
 def test_both_limits_report_the_longer_wait() -> None:
