@@ -104,9 +104,9 @@ def rate_limited(message: str, retry_after_s: float, headers: tuple[tuple[bytes,
     """429. openai-python and anthropic-sdk honour Retry-After only up to 60 s and otherwise retry on
     their own short back-off -- into the same 429: past 60 s (or with no wait that helps, 0), tell them
     not to retry (`x-should-retry: false`, which both read first)."""
-    if retry_after_s <= 0 or retry_after_s > SDK_MAX_RETRY_AFTER_S:
-        if (b"x-should-retry", b"false") not in headers:
-            headers += ((b"x-should-retry", b"false"),)
+    no_retry = retry_after_s <= 0 or retry_after_s > SDK_MAX_RETRY_AFTER_S
+    if no_retry and (b"x-should-retry", b"false") not in headers:
+        headers += ((b"x-should-retry", b"false"),)
     if retry_after_s > 0:
         headers = ((b"retry-after", str(max(1, int(retry_after_s + 0.999))).encode()),) + headers
     return ApiError(429, message, "rate_limit_error", code="rate_limit_exceeded", headers=headers)
