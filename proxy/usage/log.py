@@ -119,8 +119,28 @@ def _values(row: UsageRow, uid: str | None) -> tuple:
     return (*msgspec.structs.astuple(row), uid)
 
 
+def _private(path: str) -> None:
+    """The usage table names keys and clients: the database is the owner's alone (0600). Created so
+    before SQLite opens it -- SQLite gives its -wal and -shm files the database's own mode -- and an
+    older, wider database is narrowed."""
+    if path == ":memory:" or path.startswith("file:"):
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        if os.fstat(fd).st_mode & 0o077:
+            os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+    for suffix in ("-wal", "-shm"):
+        try:
+            os.chmod(path + suffix, 0o600)
+        except FileNotFoundError:
+            pass
+
+
 def connect(path: str) -> sqlite3.Connection:
-    """Open (creating if needed) the usage database and bring its schema up to date. Blocking."""
+    """Open (creating if needed, 0600) the usage database and bring its schema up to date. Blocking."""
+    _private(path)
     conn = sqlite3.connect(path, timeout=10.0, isolation_level=None, check_same_thread=False)
     try:
         conn.execute("PRAGMA busy_timeout = 10000")

@@ -10,7 +10,16 @@ import pytest
 import trio
 import trio.lowlevel
 
-from proxy.usage.log import SCHEMA_VERSION, UsageLog, UsageRow, UsageSchemaError, recover_spills
+from proxy.usage.log import (
+    SCHEMA_VERSION,
+    UsageLog,
+    UsageRow,
+    UsageSchemaError,
+    _insert,
+    _values,
+    connect,
+    recover_spills,
+)
 
 
 def row(i: int, **kw) -> UsageRow:
@@ -216,3 +225,26 @@ async def test_recover_spills_imports_every_worker_file(tmp_path) -> None:
     assert recover_spills(db) == 12
     assert count(db) == 12
     assert recover_spills(db) == 0
+
+
+def test_the_database_and_its_wal_and_shm_files_are_the_owners_alone(tmp_path):
+    import os
+    import stat
+
+    db = str(tmp_path / "usage.sqlite3")
+    old = os.umask(0o022)  # a typical umask: files would be 0644
+    try:
+        conn = connect(db)
+        try:
+            _insert(conn, [_values(UsageRow(ts=1.0, request_id="r1", endpoint="chat", status=200), None)])
+            for name in ("usage.sqlite3", "usage.sqlite3-wal", "usage.sqlite3-shm"):
+                mode = stat.S_IMODE(os.stat(tmp_path / name).st_mode)
+                assert mode == 0o600, (name, oct(mode))
+        finally:
+            conn.close()
+        # An older database created 0644 is narrowed when opened.
+        os.chmod(db, 0o644)
+        connect(db).close()
+        assert stat.S_IMODE(os.stat(db).st_mode) == 0o600
+    finally:
+        os.umask(old)
