@@ -8,7 +8,11 @@ error envelope, minimal JSON-schema instances, and the /v1/models and /v1/embedd
 
 Shapes follow vLLM's OpenAI server (v0.17-era main, `vllm/entrypoints/openai/`):
 - non-streaming bodies are `model_dump()` of the pydantic models: every field, nulls included
-  (`chat.completion` message carries refusal/annotations/audio/function_call/tool_calls/reasoning);
+  (`chat.completion` message carries refusal/annotations/audio/function_call/tool_calls/reasoning),
+  in vLLM's field order (chat: ..., usage, prompt_logprobs, prompt_token_ids, kv_transfer_params);
+  a plan's `return_token_ids` / `prompt_logprobs` (read from a request by `prompt_options`) fill
+  prompt_token_ids, the choices' token_ids and prompt_logprobs with deterministic ids (streams keep
+  them null);
 - chat chunks are `model_dump_json(exclude_unset=True)`: first chunk per choice is
   `{"role":"assistant","content":""}` plus `"prompt_token_ids":null`, token chunks carry
   `"token_ids":null`, the finishing chunk adds `"stop_reason":null`; the usage chunk (when
@@ -114,7 +118,9 @@ class Plan:
         "include_usage",
         "kind",
         "model",
+        "prompt_logprobs",
         "prompt_tokens",
+        "return_token_ids",
         "rid",
         "stream",
     )
@@ -130,6 +136,9 @@ class Plan:
         self.stream = stream
         self.include_usage = include_usage
         self.continuous = include_usage and continuous
+        # vLLM extras of a non-streaming body (`prompt_options` reads them from a request):
+        self.return_token_ids = False  # prompt_token_ids (top level for chat) and each choice's token_ids
+        self.prompt_logprobs: int | None = None  # prompt_logprobs: per prompt token, the top-k (>= 1 entry)
 
     @property
     def completion_tokens(self) -> int:
@@ -148,12 +157,19 @@ class Plan:
 
 
     def body(self) -> bytes:
-        """The non-streaming response body (pydantic `model_dump()` shape: all fields)."""
+        """The non-streaming response body (pydantic `model_dump()` shape: all fields, in vLLM's order:
+        for chat ``usage`` comes before ``prompt_logprobs``, ``prompt_token_ids`` and
+        ``kv_transfer_params``, so with `return_token_ids` / `prompt_logprobs` on a long prompt most of
+        the body follows it)."""
         usage = self._usage(self.completion_tokens, True)
+        ids = self.return_token_ids
+        k = self.prompt_logprobs
         if self.kind == "completion":
             choices = [{"index": c.index, "text": c.text(), "logprobs": None, "finish_reason": c.finish,
-                        "stop_reason": None, "token_ids": None, "prompt_logprobs": None,
-                        "prompt_token_ids": None} for c in self.choices]
+                        "stop_reason": None, "token_ids": _output_ids(c) if ids else None,
+                        "prompt_logprobs": None if k is None else _prompt_logprobs(c.prompt_tokens, k),
+                        "prompt_token_ids": _prompt_ids(c.prompt_tokens) if ids else None}
+                       for c in self.choices]
             return _enc.encode({"id": self.rid, "object": "text_completion", "created": self.created,
                                 "model": self.model, "choices": choices, "service_tier": None,
                                 "system_fingerprint": None, "usage": usage, "kv_transfer_params": None})
@@ -168,11 +184,15 @@ class Plan:
             message = {"role": "assistant", "content": content, "refusal": None, "annotations": None,
                        "audio": None, "function_call": None, "tool_calls": calls, "reasoning": None}
             choices.append({"index": c.index, "message": message, "logprobs": None,
-                            "finish_reason": c.finish, "stop_reason": None, "token_ids": None})
+                            "finish_reason": c.finish, "stop_reason": None,
+                            "token_ids": _output_ids(c) if ids else None})
+        prompt = self.prompt_tokens
         return _enc.encode({"id": self.rid, "object": "chat.completion", "created": self.created,
                             "model": self.model, "choices": choices, "service_tier": None,
-                            "system_fingerprint": None, "usage": usage, "prompt_logprobs": None,
-                            "prompt_token_ids": None, "kv_transfer_params": None})
+                            "system_fingerprint": None, "usage": usage,
+                            "prompt_logprobs": None if k is None else _prompt_logprobs(prompt, k),
+                            "prompt_token_ids": _prompt_ids(prompt) if ids else None,
+                            "kv_transfer_params": None})
 
     def events(self) -> Iterator[tuple[int, bytes]]:
         """SSE events as `(step, bytes)`: step k is due at ttft + k / tokens_per_s."""
@@ -232,6 +252,56 @@ class Plan:
                 p, p + step + 1, step + 1)
         return (b'{"index":%d,"delta":%s,"logprobs":null,"finish_reason":%s%s}\n\n'
                 % (c.index, _delta(c, step), finish, tail))
+
+
+class _PromptOptions(msgspec.Struct):
+    return_token_ids: bool | None = None
+    prompt_logprobs: int | None = None
+
+
+_prompt_options = msgspec.json.Decoder(_PromptOptions)
+
+
+def prompt_options(body: bytes) -> tuple[bool, int | None]:
+    """(``return_token_ids``, ``prompt_logprobs``) of a chat or completion request body, for a `Plan`'s
+    attributes of the same names (vLLM: ``prompt_logprobs`` -1 means the whole vocabulary; here 20)."""
+    try:
+        o = _prompt_options.decode(body)
+    except msgspec.DecodeError:
+        return False, None
+    k = o.prompt_logprobs
+    return bool(o.return_token_ids), (None if k is None else 20 if k < 0 else min(k, 20))
+
+
+# Token ids and logprobs of the simulated tokenizer: deterministic, in a 150k vocabulary.
+_VOCAB = 150_000
+
+
+def _token_id(i: int) -> int:
+    return (i * 7919 + 101) % _VOCAB
+
+
+def _prompt_ids(n: int) -> list[int]:
+    return [_token_id(i) for i in range(n)]
+
+
+def _output_ids(c: Choice) -> list[int]:
+    return [_token_id(1_000_003 * (c.index + 1) + i) for i in range(c.tokens)]
+
+
+def _prompt_logprobs(n: int, k: int) -> list[dict[str, dict[str, Any]] | None]:
+    """vLLM's ``prompt_logprobs``: None for the first prompt token, then per token a dict keyed by token
+    id (JSON: a string) of ``Logprob`` (logprob, rank, decoded_token): the prompt's own token and the
+    other top-`k` candidates."""
+    out: list[dict[str, dict[str, Any]] | None] = [None]
+    for i in range(1, n):
+        own = _token_id(i)
+        entry = {str(own): {"logprob": -0.25 - (i % 7) / 8, "rank": 1, "decoded_token": f" t{own}"}}
+        for r in range(2, k + 1):
+            alt = (own + 31 * r) % _VOCAB
+            entry[str(alt)] = {"logprob": -1.5 - r / 4, "rank": r, "decoded_token": f" t{alt}"}
+        out.append(entry)
+    return out
 
 
 def _delta(c: Choice, step: int) -> bytes:

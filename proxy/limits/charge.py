@@ -4,7 +4,9 @@ Strategy: the bucket math is buckets.py's and the table is chosen by shared_tabl
 module only says what a request costs. Up front: one request and an estimate of its tokens (prompt
 estimated from the body size, plus the requested maximum output), so a key cannot start more work
 than its tokens-per-minute allow; over the limit -> 429 with Retry-After and the x-ratelimit headers
-(openai-python reads both). At the end: the estimate is replaced by vLLM's reported total (`settle`).
+(openai-python reads both). At the end: the estimate is replaced by vLLM's reported total (`settle`);
+when none came (no usage event, client gone, upstream failure) by an estimate, never by 0 -- otherwise
+every such request would be refunded in full and a key could run past its limit indefinitely.
 Under the supervisor each worker's share is the key's limit divided by `gw.limit_divisor` (1 with the
 shared table: exact limits across workers).
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 from proxy import errors
 from proxy.exchange import Exchange
+from proxy.usage.taps import settlement
 
 
 def charge(gw, ex: Exchange, key, view, body_len: int) -> tuple[tuple[bytes, bytes], ...]:
@@ -31,6 +34,9 @@ def charge(gw, ex: Exchange, key, view, body_len: int) -> tuple[tuple[bytes, byt
 
 
 def settle(gw, ex: Exchange) -> None:
-    """Replace the up-front token estimate by what the upstream reported (0 if nothing came back)."""
+    """Replace the up-front token estimate by what the upstream reported; when it reported nothing, by
+    the best-founded estimate (usage/taps.py `settlement`: the stream's counted events, else the charge
+    itself) -- 0 only for a request that provably cost nothing (never sent, refused with a 4xx)."""
     if ex.charged_tokens:
-        gw.limiter.reconcile(ex.key.name, ex.charged_tokens, ex.total_tokens or 0)
+        total, _estimated = settlement(ex)
+        gw.limiter.reconcile(ex.key.name, ex.charged_tokens, 0 if total is None else total)

@@ -1,58 +1,77 @@
 """Asking vLLM for a stream's token counts: `stream_options.include_usage` set in the request body.
 
-Strategy: the only rewrite of a client's body the gateway makes, and the smallest one that works:
-when the body does not mention ``stream_options`` the member is inserted after the opening brace and
-every other byte stays as sent; otherwise decode, set, re-encode (key order kept). When that is not
-safe (not an object, ``stream_options`` of another type) the original body goes upstream unchanged.
-The tap (sse_tap.py) then removes the usage event again, so the client sees the stream it asked for.
+Strategy: the only rewrite of a client's body the gateway makes, decided from the DECODED view
+(admit/schemas.py), never from a byte search: a key can be spelled with escapes
+(``"stream\\u005foptions"``), and a byte search that misses it would add a second member the upstream
+then overrides. Duplicate keys: vLLM (Python's json) and msgspec both keep the LAST one, so the view's
+``stream_options`` is what vLLM will act on.
+* No ``stream_options`` (absent or null, in any spelling): the member is appended before the closing
+  brace -- the last member, so it wins over any earlier duplicate -- and every other byte stays as sent.
+  No decoding: the view already proved the body is one JSON object.
+* A ``stream_options`` object without ``include_usage: true``: the top level is decoded with its values
+  kept as raw bytes (``dict[str, Raw]``; duplicates collapse to the last, as vLLM reads them), only the
+  small ``stream_options`` object is rewritten, and the top level re-encoded; every other value's bytes
+  stay as sent. When the client did not ask for usage, ``continuous_usage_stats`` is turned off as well
+  (with ``include_usage`` off vLLM would have sent no usage at all).
+* ``include_usage: true``: the body goes as sent.
+The tap (sse_tap.py) then removes the usage event again when the client did not ask for it
+(`client_asked`), so the client sees the stream it asked for.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgspec
 
-_INSERT = b'"stream_options":{"include_usage":true}'
+_MEMBER = b'"stream_options":{"include_usage":true}'
 _WS = b" \t\r\n"
+_members = msgspec.json.Decoder(dict[str, msgspec.Raw])
+_object = msgspec.json.Decoder(dict[str, Any])
+_encode = msgspec.json.encode
 
 
-def inject_include_usage(body: bytes) -> bytes | None:
-    """Return `body` with ``stream_options.include_usage = true`` set, or None if that is not safe.
-
-    For a streaming request whose client did not ask for usage. When ``"stream_options"`` does not occur
-    in the body, the member is inserted right after the opening brace and every other byte stays as sent.
-    Otherwise the body is decoded, the option set, and re-encoded (key order kept). None when the body is
-    not a JSON object or ``stream_options`` is neither an object nor null: the caller then forwards the
-    original body, and vLLM answers it as it would have. A body that already asks for usage is returned
-    as is. The body must already be known to be JSON (the request schema decoded it): the fast path
-    does not validate it again.
-    """
-    if b'"stream_options"' not in body:
-        i = 0
-        n = len(body)
-        while i < n and body[i] in _WS:
-            i += 1
-        if i >= n or body[i] != 123:  # '{'
-            return None
-        j = i + 1
-        while j < n and body[j] in _WS:
-            j += 1
-        if j >= n:
-            return None
-        sep = b"" if body[j] == 125 else b","  # '{}' takes no comma
-        return body[: i + 1] + _INSERT + sep + body[i + 1 :]
-    try:
-        obj = msgspec.json.decode(body)
-    except msgspec.DecodeError:
-        return None
-    if not isinstance(obj, dict):
-        return None
-    opts = obj.get("stream_options")
+def client_asked(opts) -> bool:
+    """Whether the client asked for usage: ``include_usage: true``, or ``continuous_usage_stats: true``
+    without an ``include_usage`` (vLLM's own default for ``include_usage`` is true). `opts` is the view's
+    decoded ``stream_options`` (None: absent or null)."""
     if opts is None:
-        obj["stream_options"] = {"include_usage": True}
-    elif isinstance(opts, dict):
-        if opts.get("include_usage") is True:
-            return body
-        opts["include_usage"] = True
-    else:
+        return False
+    if opts.include_usage is None:
+        return opts.continuous_usage_stats is True
+    return opts.include_usage is True
+
+
+def ask_for_usage(body: bytes, opts, asked: bool) -> bytes | None:
+    """`body` rewritten so that vLLM reports usage (the last ``stream_options`` has ``include_usage:
+    true``), or None when that is not possible (the body then goes as sent). `opts` is the view's decoded
+    ``stream_options``, `asked` what `client_asked` said of it. The body must already be known to be a
+    JSON object (the request schema decoded it): the append path does not validate it again."""
+    if opts is None:
+        end = len(body)
+        while end and body[end - 1] in _WS:
+            end -= 1
+        if not end or body[end - 1] != 125:  # '}'
+            return None
+        k = end - 1
+        while k and body[k - 1] in _WS:
+            k -= 1
+        if not k:
+            return None
+        sep = b"" if body[k - 1] == 123 else b","  # '{}' takes no comma
+        return body[: end - 1] + sep + _MEMBER + body[end - 1 :]
+    if opts.include_usage is True:
+        return body
+    try:
+        members = _members.decode(body)
+        raw = members.get("stream_options")
+        so = _object.decode(raw) if raw is not None else None
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
         return None
-    return msgspec.json.encode(obj)
+    if not isinstance(so, dict):
+        return None
+    so["include_usage"] = True
+    if not asked and so.get("continuous_usage_stats") is True:
+        so["continuous_usage_stats"] = False
+    members["stream_options"] = msgspec.Raw(_encode(so))
+    return _encode(members)

@@ -67,19 +67,22 @@ class SseUsageTap:
     ``feed(piece)`` returns the bytes to send to the client for that piece, ``finish()`` whatever was
     held back when the upstream ends. ``usage`` is set once the usage event has been seen; ``events``
     counts JSON data events other than the usage event (vLLM sends about one per generated token, plus
-    the opening role chunk), the basis of an estimate when usage never arrives.
+    the opening role chunk), the basis of an estimate when usage never arrives (with `prompt_estimate`,
+    the prompt tokens the request was charged up front).
     """
 
-    __slots__ = ("_head", "_held", "_pending", "_pending_cr", "_probe", "_state", "_strip", "events", "usage")
+    __slots__ = ("_head", "_held", "_pending", "_pending_cr", "_probe", "_state", "_strip", "events",
+                 "prompt_estimate", "usage")
 
     @property
     def rewrites(self) -> bool:
         """True when the relayed bytes may differ from the upstream's (the usage event is removed)."""
         return self._strip
 
-    def __init__(self, *, strip_usage_chunk: bool) -> None:
+    def __init__(self, *, strip_usage_chunk: bool, prompt_estimate: int | None = None) -> None:
         self.usage: Usage | None = None
         self.events = 0
+        self.prompt_estimate = prompt_estimate  # the request's prompt tokens as charged (for an estimate)
         self._strip = strip_usage_chunk
         self._state = _START
         self._head = b""  # the first bytes of the current line

@@ -250,3 +250,43 @@ def test_finish_settles_through_the_gateway():
     ex.finish(False)
     ex.finish(False)
     assert gw.limiter.reconciles == [("alice", ESTIMATE, 12)]
+
+
+# -- settling without vLLM's count (usage/taps.py `settlement`) ------------------------------------------
+
+
+def test_settle_without_a_count_after_the_upstream_got_the_request_keeps_the_charge():
+    # Sent upstream (t_upstream), no usage came back (client gone, upstream failed): never refunded to 0.
+    gw = gateway()
+    ex, _ = do_charge(gw, key(tpm=1000))
+    ex.t_upstream = ex.t0
+    settle(gw, ex)
+    assert gw.limiter.reconciles == [("alice", ESTIMATE, ESTIMATE)]
+    assert ex.estimated is False  # the record itself is not changed; usage_row reports it (settlement)
+
+
+def test_settle_at_the_streams_counted_events():
+    gw = gateway()
+    ex, _ = do_charge(gw, key(tpm=1000))
+    ex.t_upstream = ex.t0
+    ex.prompt_tokens, ex.completion_tokens, ex.total_tokens, ex.estimated = 20, 3, 23, True  # read_tap's
+    settle(gw, ex)
+    assert gw.limiter.reconciles == [("alice", ESTIMATE, 23)]
+
+
+@pytest.mark.parametrize("status", [400, 404, 422, 429])
+def test_settle_refunds_an_upstream_refusal(status):
+    gw = gateway()
+    ex, _ = do_charge(gw, key(tpm=1000))
+    ex.t_upstream, ex.upstream, ex.status = ex.t0, "127.0.0.1:8000", status
+    settle(gw, ex)
+    assert gw.limiter.reconciles == [("alice", ESTIMATE, 0)]
+
+
+@pytest.mark.parametrize("status", [499, 500, 502, 503])
+def test_settle_keeps_the_charge_after_an_answer_without_usage(status):
+    gw = gateway()
+    ex, _ = do_charge(gw, key(tpm=1000))
+    ex.t_upstream, ex.upstream, ex.status = ex.t0, "127.0.0.1:8000", status
+    settle(gw, ex)
+    assert gw.limiter.reconciles == [("alice", ESTIMATE, ESTIMATE)]

@@ -112,3 +112,21 @@ def test_generated_request_id_is_text():
     row = usage_row(ex)
     assert isinstance(row.request_id, str)
     assert row.request_id == ex.request_id.decode() and row.request_id != "not valid!"
+
+
+def test_a_request_without_vllms_count_is_recorded_at_its_charge_and_estimated():
+    ex = exchange("chat")
+    ex.status, ex.t_upstream, ex.charged_tokens = 499, ex.t0, 40
+    row = usage_row(ex)
+    assert (row.prompt_tokens, row.completion_tokens, row.total_tokens, row.estimated) == (None, None, 40, True)
+    ex.charged_tokens = 0  # a key without a token limit: nothing to report but that it is unknown
+    row = usage_row(ex)
+    assert (row.total_tokens, row.estimated) == (None, True)
+
+
+def test_a_request_that_cost_nothing_is_not_estimated():
+    ex = exchange("chat")
+    ex.status, ex.charged_tokens = 503, 40  # never sent upstream
+    assert (usage_row(ex).total_tokens, usage_row(ex).estimated) == (None, False)
+    ex.t_upstream, ex.upstream, ex.status = ex.t0, "127.0.0.1:8000", 400  # refused by the upstream
+    assert (usage_row(ex).total_tokens, usage_row(ex).estimated) == (None, False)

@@ -1,4 +1,4 @@
-"""SseUsageTap, usage_from_body and inject_include_usage against vLLM-shaped bytes.
+"""SseUsageTap, usage_from_body, BodyTail and ask_for_usage against vLLM-shaped bytes.
 
 The streams below follow vLLM's wire format: compact pydantic JSON, one ``data: ...\\n\\n`` event per
 chunk, ``"usage":null`` on ordinary chunks when include_usage is on, and a final ``"choices":[]`` event
@@ -14,9 +14,10 @@ import random
 import msgspec
 import pytest
 
-from proxy.usage.body_usage import usage_from_body
+from proxy.admit.schemas import decode_chat, decode_completion
+from proxy.usage.body_usage import BodyTail, usage_from_body
 from proxy.usage.counts import Usage
-from proxy.usage.include_usage import inject_include_usage
+from proxy.usage.include_usage import ask_for_usage, client_asked
 from proxy.usage.sse_tap import SseUsageTap
 
 HEAD = b'{"id":"chatcmpl-7f3a","object":"chat.completion.chunk","created":1718000000,"model":"qwen3-coder",'
@@ -217,56 +218,112 @@ def test_usage_from_body_missing_null_truncated_embeddings() -> None:
     assert usage_from_body(spaced) == Usage(prompt_tokens=1, completion_tokens=2, total_tokens=3)
 
 
-# -- inject_include_usage ----------------------------------------------------------------------------
+# -- ask_for_usage (include_usage.py), decided from the decoded view ---------------------------------
 
 
-def test_inject_fast_path_is_a_pure_insertion() -> None:
+def ask(body: bytes) -> tuple[bytes | None, bool]:
+    """(what goes upstream, whether the client asked) for a chat body, through the real schema."""
+    opts = decode_chat(body).stream_options
+    asked = client_asked(opts)
+    return ask_for_usage(body, opts, asked), asked
+
+
+MSGS = b'"model":"m","messages":[{"role":"user","content":"hi"}],"stream":true'
+
+
+def test_ask_without_stream_options_is_a_pure_append() -> None:
     body = (b'{"model":"qwen3-coder","stream":true,"vendor_x":{"k":[1,2.50,"\xc3\xa9"]},'
-            b'"messages":[{"role":"user","content":"hi \\"stream_opts\\""}]}')
-    new = inject_include_usage(body)
-    assert new is not None
-    inserted = b'"stream_options":{"include_usage":true},'
-    assert new.replace(inserted, b"", 1) == body
+            b'"messages":[{"role":"user","content":"hi \\"stream_options\\""}]}')
+    new, asked = ask(body)
+    assert not asked
+    appended = b',"stream_options":{"include_usage":true}'
+    assert new == body[:-1] + appended + b"}"
     assert json.loads(new) == {**json.loads(body), "stream_options": {"include_usage": True}}
 
 
-def test_inject_whitespace_and_empty_object() -> None:
-    body = b'  \n{ "model": "m", "stream": true }\n'
-    new = inject_include_usage(body)
-    assert json.loads(new) == {"model": "m", "stream": True, "stream_options": {"include_usage": True}}
-    assert json.loads(inject_include_usage(b"{ }")) == {"stream_options": {"include_usage": True}}
+def test_ask_whitespace_and_empty_object() -> None:
+    body = b'  \n{ "model": "m", "messages": [{"role": "user", "content": "x"}], "stream": true }\n'
+    new, _ = ask(body)
+    assert new == body.replace(b"true }", b'true ,"stream_options":{"include_usage":true}}')
+    assert json.loads(new)["stream_options"] == {"include_usage": True}
+    assert ask_for_usage(b"{ }", None, False) == b'{ "stream_options":{"include_usage":true}}'
+    for broken in (b"", b"   ", b"[1]", b'{"model":"m"'):
+        assert ask_for_usage(broken, None, False) is None
 
 
-def test_inject_existing_stream_options() -> None:
-    body = b'{"model":"m","stream":true,"stream_options":{"continuous_usage_stats":true},"n":1}'
-    new = inject_include_usage(body)
-    assert json.loads(new) == {"model": "m", "stream": True, "n": 1,
-                               "stream_options": {"continuous_usage_stats": True, "include_usage": True}}
-    assert list(json.loads(new)) == ["model", "stream", "stream_options", "n"]  # key order kept
-    off = b'{"model":"m","stream":true,"stream_options":{"include_usage":false}}'
-    assert json.loads(inject_include_usage(off))["stream_options"] == {"include_usage": True}
-    null = b'{"model":"m","stream":true,"stream_options":null}'
-    assert json.loads(inject_include_usage(null))["stream_options"] == {"include_usage": True}
-    on = b'{"model":"m","stream":true,"stream_options":{"include_usage":true}}'
-    assert inject_include_usage(on) is on
+@pytest.mark.parametrize("spelling", [b'"stream_options"', b'"stream\\u005foptions"', b'"\\u0073tream_options"'])
+def test_ask_null_or_absent_in_any_spelling_appends_the_last_member(spelling) -> None:
+    # vLLM (Python's json) keeps the last duplicate: the appended member wins over an escaped null.
+    body = b"{" + MSGS + b"," + spelling + b":null}"
+    new, asked = ask(body)
+    assert not asked and new == body[:-1] + b',"stream_options":{"include_usage":true}}'
+    assert json.loads(new)["stream_options"] == {"include_usage": True}
 
 
-@pytest.mark.parametrize("body", [
-    b"", b"   ", b"[1,2]", b"not json", b'{', b'{"stream_options":"yes"}',
-    b'{"stream_options":[true]}', b'"stream_options"',
+@pytest.mark.parametrize("spelling", [b'"stream_options"', b'"stream\\u005foptions"', b'"\\u0073tream\\u005f\\u006fptions"'])
+def test_ask_include_usage_false_in_any_spelling_is_rewritten(spelling) -> None:
+    body = b"{" + MSGS + b"," + spelling + b':{"include_usage":false},"n":1}'
+    new, asked = ask(body)
+    assert not asked
+    assert json.loads(new) == {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True,
+                               "stream_options": {"include_usage": True}, "n": 1}
+    assert list(json.loads(new)) == ["model", "messages", "stream", "stream_options", "n"]  # key order kept
+
+
+def test_ask_rewrites_the_last_duplicate_and_keeps_other_bytes() -> None:
+    # The first stream_options says true, the last (what vLLM keeps) false: the view and vLLM agree on false.
+    body = (b'{"model":"m","messages":[{"role":"user","content":"h\\u00e9 \\"x\\""}],"stream":true,'
+            b'"stream_options":{"include_usage":true},"top_k":  5,"stream\\u005foptions":{"include_usage":false}}')
+    new, asked = ask(body)
+    assert not asked
+    assert json.loads(new)["stream_options"] == {"include_usage": True}
+    assert new.count(b"stream_options") == 1
+    # Values other than stream_options keep their bytes (escapes included) exactly; spacing between
+    # members does not matter.
+    assert b'"messages":[{"role":"user","content":"h\\u00e9 \\"x\\""}]' in new and b'"top_k":5' in new
+
+
+def test_ask_continuous_usage_stats() -> None:
+    # Without include_usage: the client asked (vLLM's include_usage defaults to true); usage is set explicitly.
+    body = b"{" + MSGS + b',"stream_options":{"continuous_usage_stats":true}}'
+    new, asked = ask(body)
+    assert asked
+    assert json.loads(new)["stream_options"] == {"continuous_usage_stats": True, "include_usage": True}
+    # include_usage false with continuous stats: vLLM would send no usage at all, so neither kind may show.
+    body = b"{" + MSGS + b',"stream_options":{"include_usage":false,"continuous_usage_stats":true}}'
+    new, asked = ask(body)
+    assert not asked
+    assert json.loads(new)["stream_options"] == {"include_usage": True, "continuous_usage_stats": False}
+
+
+def test_ask_leaves_a_body_that_asks_as_sent() -> None:
+    on = b"{" + MSGS + b',"stream_options":{"include_usage":true}}'
+    new, asked = ask(on)
+    assert asked and new is on
+    escaped = b"{" + MSGS + b',"stream\\u005foptions":{"include\\u005fusage":true}}'
+    new, asked = ask(escaped)
+    assert asked and new is escaped
+
+
+@pytest.mark.parametrize("opts, asked", [
+    ({}, False), ({"include_usage": None}, False), ({"include_usage": False}, False),
+    ({"include_usage": True}, True), ({"continuous_usage_stats": True}, True),
+    ({"include_usage": None, "continuous_usage_stats": True}, True),
+    ({"include_usage": False, "continuous_usage_stats": True}, False),
+    ({"continuous_usage_stats": False}, False), (None, False),
 ])
-def test_inject_refuses_what_it_cannot_do_safely(body: bytes) -> None:
-    assert inject_include_usage(body) is None
+def test_client_asked(opts, asked) -> None:
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": True,
+                       "stream_options": opts}).encode()
+    assert client_asked(decode_chat(body).stream_options) is asked
+    assert client_asked(decode_completion(body.replace(b'"messages"', b'"prompt":"x","m"')).stream_options) is asked
 
 
-def test_inject_fast_path_does_not_revalidate() -> None:
-    # The schema layer has decoded the body before; a broken body stays broken in the same way.
-    assert inject_include_usage(b'{"model":"m"') == b'{"stream_options":{"include_usage":true},"model":"m"'
-
-
-def test_injected_bodies_decode_with_msgspec() -> None:
-    for body in (b'{"model":"m","stream":true}', b'{"model":"m","stream":true,"stream_options":{}}'):
-        assert msgspec.json.decode(inject_include_usage(body))["stream_options"]["include_usage"] is True
+def test_asked_bodies_decode_with_msgspec() -> None:
+    for body in (b"{" + MSGS + b"}", b"{" + MSGS + b',"stream_options":{}}'):
+        new, _ = ask(body)
+        assert msgspec.json.decode(new)["stream_options"]["include_usage"] is True
+        assert decode_chat(new).stream_options.include_usage is True
 
 
 def test_fast_object_end_agrees_with_the_character_walk():
@@ -281,3 +338,129 @@ def test_fast_object_end_agrees_with_the_character_walk():
     cases += [b"{" + bytes(rnd.choice(alphabet) for _ in range(rnd.randint(0, 14))) for _ in range(5000)]
     for case in cases:
         assert _object_end(case, 0) == _object_end_slow(case, 0), case
+
+
+# -- BodyTail: the first top-level usage object, wherever it is in the body ------------------------------
+
+LONG_TAIL = (b',"prompt_logprobs":[null' + b''.join(b',{"%d":{"logprob":-0.5,"rank":1,"decoded_token":" usage"}}' % i
+                                                     for i in range(400))
+             + b'],"prompt_token_ids":[' + b",".join(b"%d" % i for i in range(2000)) + b'],"kv_transfer_params":null}')
+VLLM_BODY = (
+    b'{"id":"chatcmpl-1","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,'
+    b'"message":{"role":"assistant","content":"usage","tool_calls":[{"function":{"name":"usage",'
+    b'"arguments":"{\\"usage\\": {\\"prompt_tokens\\": 1}}"}}]},'
+    b'"logprobs":null,"finish_reason":"stop","stop_reason":null,"token_ids":null}],"service_tier":null,'
+    b'"system_fingerprint":null,"usage":{"prompt_tokens":12,"total_tokens":40,"completion_tokens":28,'
+    b'"prompt_tokens_details":{"cached_tokens":4}}' + LONG_TAIL
+)
+WANT = Usage(prompt_tokens=12, completion_tokens=28, total_tokens=40)
+
+
+def run_body(pieces: list[bytes]) -> BodyTail:
+    tap = BodyTail()
+    for p in pieces:
+        assert tap.feed(p) is p  # passed through untouched
+    assert tap.finish() == b""
+    return tap
+
+
+def test_body_tail_finds_usage_before_a_long_tail() -> None:
+    assert len(LONG_TAIL) > 20_000
+    assert run_body([VLLM_BODY]).usage == WANT
+    # The string value "usage" (content, a function name, a token) and an escaped key are passed over.
+    assert VLLM_BODY.index(b'"usage"') < VLLM_BODY.index(b'"usage":{"prompt_tokens":12')
+
+
+def test_body_tail_every_split_around_the_usage_object() -> None:
+    start = VLLM_BODY.index(b'"usage":{"prompt_tokens":12')
+    end = VLLM_BODY.index(b"}}", start) + 2
+    for k in range(start - 20, end + 20):
+        assert run_body(split_at(VLLM_BODY, k)).usage == WANT, k
+    for a in range(start - 10, end + 5, 3):
+        for b in range(a, end + 10, 5):
+            assert run_body(split_at(VLLM_BODY, a, b)).usage == WANT, (a, b)
+
+
+def test_body_tail_byte_at_a_time_and_random_pieces() -> None:
+    assert run_body([VLLM_BODY[i:i + 1] for i in range(len(VLLM_BODY))]).usage == WANT
+    rng = random.Random(11)
+    for _ in range(200):
+        cuts = sorted(rng.sample(range(1, len(VLLM_BODY)), rng.randint(1, 30)))
+        assert run_body(split_at(VLLM_BODY, *cuts)).usage == WANT
+
+
+def test_body_tail_stops_looking_once_found() -> None:
+    tap = BodyTail()
+    start = VLLM_BODY.index(b'"usage":{"prompt')
+    tap.feed(VLLM_BODY[: start + 5000])  # the usage object has left the window: found, nothing kept
+    assert tap.usage == WANT and (tap._tail, tap._edge) == (b"", b"")
+    tap.feed(b',"x":{"usage":{"prompt_tokens":1}}' * 1000 + b"}")  # a later "usage" key is not looked for
+    tap.finish()
+    assert tap.usage == WANT
+
+
+def test_body_tail_keeps_at_most_a_bounded_window() -> None:
+    tap = BodyTail()
+    body = b'{"a":"' + b"x{" * 50_000 + b'","usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3'
+    for i in range(0, len(body), 1000):
+        tap.feed(body[i:i + 1000])
+        assert len(tap._tail) <= 4096 and len(tap._edge) <= 64
+    tap.feed(b"}}")
+    tap.finish()
+    assert tap.usage == Usage(prompt_tokens=1, completion_tokens=2, total_tokens=3)
+
+
+def test_body_tail_in_a_brace_dense_answer() -> None:
+    # A JSON answer: escaped braces everywhere before usage; the search switches to the key itself.
+    content = json.dumps([{"a": i, "b": {"c": "usage"}} for i in range(3000)])
+    body = (b'{"id":"c","choices":[{"index":0,"message":{"role":"assistant","content":' + json.dumps(content).encode()
+            + b'}}],"usage":{"prompt_tokens":7,"total_tokens":9,"completion_tokens":2}' + LONG_TAIL)
+    want = Usage(prompt_tokens=7, completion_tokens=2, total_tokens=9)
+    for size in (1, 7, 100, 4096, 65536, len(body)):
+        assert run_body([body[i:i + size] for i in range(0, len(body), size)]).usage == want, size
+
+
+@pytest.mark.parametrize("body", [
+    b'{"id":"x","choices":[]}', b'{"id":"x","usage":null}', b"", b"not json",
+    VLLM_BODY[: VLLM_BODY.index(b"28")],  # cut inside the usage object
+    b'{"usage":{"prompt_tokens":"many"}}',
+    b'{"usage":{' + b'"x":1,' * 2000 + b'"prompt_tokens":1}}',  # longer than any usage object
+])
+def test_body_tail_without_a_usage_object(body) -> None:
+    for k in (0, len(body) // 2, len(body)):
+        assert run_body(split_at(body, k)).usage is None
+
+
+def test_body_tail_embeddings_and_spacing() -> None:
+    emb = (b'{"object":"list","data":[{"object":"embedding","index":0,"embedding":[0.1]}],"model":"e",'
+           b'"usage":{"prompt_tokens":5,"total_tokens":5}}')
+    assert run_body([emb]).usage == Usage(prompt_tokens=5, completion_tokens=0, total_tokens=5)
+    spaced = b'{"usage" \n: \t{ "prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3 }}'
+    for k in range(len(spaced) + 1):
+        assert run_body(split_at(spaced, k)).usage == Usage(prompt_tokens=1, completion_tokens=2, total_tokens=3)
+
+
+class _OnlyUsage(msgspec.Struct):
+    usage: dict | None = None
+
+
+def test_body_tail_agrees_with_decoding_the_whole_body() -> None:
+    """Random vLLM-shaped bodies (text with braces, quotes, escapes and the word usage before; prompt
+    extras of random length after), random pieces: the same usage as decoding the whole body."""
+    rng = random.Random(5)
+    words = ["usage", '"usage":{', "{", "}", " ", "\\", '"', "\n", "x" * 50, "é", ":", "usage\":{\"a\":1}"]
+    for n in range(300):
+        content = "".join(rng.choice(words) for _ in range(rng.randint(0, 400)))
+        p, c = rng.randint(0, 10**6), rng.randint(0, 10**6)
+        tail = {"prompt_logprobs": [None] + [{str(i): {"logprob": -1.0, "rank": 1, "decoded_token": "usage"}}
+                                              for i in range(rng.choice([0, 10, 200, 2000]))],
+                "prompt_token_ids": list(range(rng.choice([0, 5, 3000]))), "kv_transfer_params": None}
+        body = json.dumps({"id": "c", "choices": [{"index": 0, "message": {"content": content}}],
+                           "service_tier": None, "usage": {"prompt_tokens": p, "total_tokens": p + c,
+                                                           "completion_tokens": c}, **tail},
+                          separators=rng.choice([(",", ":"), (", ", ": ")]),
+                          ensure_ascii=rng.random() < 0.5).encode()
+        want = msgspec.json.decode(body, type=_OnlyUsage).usage
+        cuts = sorted(rng.sample(range(1, len(body)), min(len(body) - 1, rng.randint(0, 40))))
+        got = run_body(split_at(body, *cuts)).usage
+        assert got == Usage(**want), n
