@@ -33,6 +33,7 @@ from msgspec import Meta, Raw, Struct
 
 from proxy.admit.schema_errors import NOT_JSON, from_validation_error, quote
 from proxy.errors import invalid_request
+from proxy.usage.include_usage import client_asked
 
 # -- constrained scalars (OpenAI's ranges) ---------------------------------------------------------
 
@@ -189,8 +190,9 @@ class _Generation(_View, kw_only=True):
 
     @property
     def include_usage(self) -> bool:
-        """True when the client asked for the final usage chunk (``stream_options.include_usage``)."""
-        return self.stream_options is not None and self.stream_options.include_usage is True
+        """True when the client asked for the final usage chunk (usage/include_usage.py's one rule:
+        ``include_usage: true``, or ``continuous_usage_stats: true`` without ``include_usage``)."""
+        return client_asked(self.stream_options)
 
 
 class ChatView(_Generation, kw_only=True):

@@ -147,7 +147,9 @@ def test_chat_view_fields():
     [({}, False), ({"stream": True}, False), ({"stream": True, "stream_options": {}}, False),
      ({"stream": True, "stream_options": {"include_usage": False}}, False),
      ({"stream": True, "stream_options": {"include_usage": None}}, False),
-     ({"stream": True, "stream_options": {"include_usage": True}}, True)],
+     ({"stream": True, "stream_options": {"include_usage": True}}, True),
+     ({"stream": True, "stream_options": {"continuous_usage_stats": True}}, True),
+     ({"stream": True, "stream_options": {"include_usage": False, "continuous_usage_stats": True}}, False)],
 )
 def test_include_usage(fields, expected):
     assert decode_chat(chat(**fields)).include_usage is expected
