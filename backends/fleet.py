@@ -13,6 +13,9 @@ for `boot_delay_s` and then serves a SimServer (a simulated vLLM); when the inst
   the fleet writes `http://127.0.0.1:PORT` into the instance's `upstream_tag` tag, removing it when the
   host goes down -- a host registering itself, which the waker reads when `upstream_tag` is configured.
 
+`hang(instance_id, mode)` makes a host that is up sick without EC2 noticing (a black hole or a stalled
+engine: SimServer.set_fault) and `unhang` makes it well again -- what the gateway's health checks exist for.
+
 `ApiTap` is a tiny HTTP proxy in front of the emulator: every EC2 query (`Action=...`) and SQS JSON
 (`X-Amz-Target: AmazonSQS.<Action>`) call is recorded with the time it was seen; `fail()` answers the
 next matching EC2 calls with EC2's XML error envelope (e.g. InsufficientInstanceCapacity) and
@@ -43,6 +46,7 @@ class FleetEvent:
     at: float
     instance_id: str
     what: str  # "running" (seen in EC2) | "up" (vLLM listening) | "down" (killed)
+    #            | "black_hole" / "stall" (hung by `hang`) | "recovered" (`unhang`)
     url: str | None = None
 
 
@@ -117,6 +121,22 @@ class FleetSimulator:
             host.scope.cancel()
             host.scope = None
             self.events.append(FleetEvent(trio.current_time(), instance_id, "down", host.url))
+
+    def hang(self, instance_id: str, mode: str = "black_hole") -> None:
+        """The host goes sick but stays up in EC2: "black_hole" (accepts, answers nothing, /health
+        included) or "stall" (/health 200, generations frozen); see backends/sim/server.py."""
+        server = self.server(instance_id)
+        if server is None:
+            raise LookupError(f"host of {instance_id} is not up")
+        server.set_fault(mode)
+        self.events.append(FleetEvent(trio.current_time(), instance_id, mode, self.url(instance_id)))
+
+    def unhang(self, instance_id: str) -> None:
+        """The sick host recovers: parked requests carry on, probes are answered again."""
+        server = self.server(instance_id)
+        if server is not None and server.fault is not None:
+            server.set_fault(None)
+            self.events.append(FleetEvent(trio.current_time(), instance_id, "recovered", self.url(instance_id)))
 
     async def _reconcile(self, nursery: trio.Nursery) -> None:
         try:

@@ -25,6 +25,12 @@ state, join a waiting room and poke the controller (`_kick`). States (DESIGN.md 
   TerminateInstances for launch-template capacity.
 - Interruptions (SQS notices, failing /health, `report_unreachable`): the host leaves `upstreams()` at
   once; the controller restarts it once EC2 shows it stopped, or fails over.
+- Health: every probe result (readiness, then vLLM's /metrics) also feeds the host's record in a
+  `backends.health.HealthBook` -- the one health mechanism of every tier: its own book, or the
+  gateway's once `use_health` hands it over, so the gateway's requests in flight on a host this
+  waker finds silent or stalled end, and the gateway and the waker agree on verdicts. A host the
+  record calls down (`health_failures` failures in a row) or stalled (running requests, generation
+  tokens frozen for the book's `stall_s`) leaves `upstreams()` at once.
 The bookkeeping (members, engaged fallback steps, routable/awaited/startable) is the pure
 `ops.budget.Inventory`; this module does the I/O and the state machine. All blocking EC2/SQS calls go through
 trio.to_thread with this waker's limiters.
@@ -35,6 +41,7 @@ from __future__ import annotations
 import enum
 import logging
 import uuid
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 import httpx
@@ -42,6 +49,7 @@ import msgspec
 import trio
 
 from backends import probe
+from backends.health import HealthBook, log_change, progress_of
 from ops import budget
 from ops.budget import FALLBACK, LAUNCHED, PRIMARY, TIER, UP, Inventory, Member
 from ops.ec2 import Backoff, CapacityError, Clients, Ec2, Ec2Error, Instance, StateError
@@ -89,8 +97,10 @@ class Waker:
     """Wakes, watches and puts to sleep the instances of one tier (see the module comment)."""
 
     def __init__(self, tier: str, settings: WakeConfig, upstreams: list[str], models: list[str], *,
-                 upstream_api_key: str | None = None) -> None:
+                 upstream_api_key: str | None = None,
+                 on_wake_ready: Callable[[str, float], None] | None = None) -> None:
         self.tier = tier
+        self._on_wake_ready = on_wake_ready  # (tier, seconds from request to ready): the gateway's histogram
         self.settings = settings
         self.models = list(models)
         self._api_key = upstream_api_key
@@ -115,6 +125,7 @@ class Waker:
         self._launch_wanted = False
         self._idle: budget.IdleTracker | None = None
         self._client: httpx.AsyncClient | None = None
+        self._health = HealthBook(unhealthy_after=settings.health_failures)
         self.fallback_tier: str | None = None
         self._counts = {"wakes": 0, "budget": 0, "stops": 0, "interruptions": 0, "fallbacks": 0, "down": 0}
         self._last_wake_s: float | None = None
@@ -130,14 +141,19 @@ class Waker:
         """Routable upstream URLs now (no interrupted, failing or unreachable host)."""
         return list(self._routable)
 
+    def check_room(self) -> None:
+        """Raise WakeQueueFull if a new waiter would be refused now (the tier not ready, the waiting room
+        full): the gateway asks before it sends a waiting stream its early 200 head."""
+        if not self.is_ready() and self._waiters >= self.settings.max_waiters:
+            raise WakeQueueFull(budget.retry_after_s(
+                self._wake, trio.current_time(), budget_s=self.settings.budget_s,
+                hard_cap_s=self.settings.hard_cap_s, last_wake_s=self._last_wake_s))
+
     async def wait_ready(self) -> None:
         """Return when the tier is ready, starting ONE wake if it is asleep; no timeout of its own."""
         if self.is_ready():
             return
-        if self._waiters >= self.settings.max_waiters:
-            raise WakeQueueFull(budget.retry_after_s(
-                self._wake, trio.current_time(), budget_s=self.settings.budget_s,
-                hard_cap_s=self.settings.hard_cap_s, last_wake_s=self._last_wake_s))
+        self.check_room()
         self._waiters += 1
         try:
             while not self.is_ready():
@@ -147,6 +163,14 @@ class Waker:
                 await self._ready_event.wait()
         finally:
             self._waiters -= 1
+
+    def use_health(self, book: HealthBook) -> None:
+        """Keep this tier's health records in `book` (the gateway's) from now on; idempotent."""
+        if book is self._health:
+            return
+        for rec in self._health:
+            book.adopt(rec)
+        self._health = book
 
     def report_unreachable(self, upstream: str) -> None:
         """The gateway saw refused/reset before the first byte: take the host out now, re-probe/re-wake."""
@@ -271,6 +295,8 @@ class Waker:
         logger.info("wake ready", extra={"tier": self.tier, "wake_s": round(self._last_wake_s or 0.0, 3),
                                          "timeline": self._last_timeline, "upstreams": self._routable})
         self._set_state(TierState.READY)
+        if self._on_wake_ready is not None and self._last_wake_s is not None:
+            self._on_wake_ready(self.tier, self._last_wake_s)
 
     async def _watch(self) -> None:
         assert self._idle is not None
@@ -388,14 +414,27 @@ class Waker:
         assert client is not None
 
         async def one(m: Member, url: str) -> None:
-            ok = False
+            rec = self._health.record(url, unhealthy_after=self.settings.health_failures)
+            ready: probe.Readiness | None = None
+            seen: probe.Activity | None = None
             with trio.move_on_after(2 * self.settings.probe_timeout_s):
-                ok = (await probe.probe_ready(client, url, self.models, api_key=self._api_key)).ready
-                if ok and activity:
+                ready = await probe.probe_ready(client, url, self.models, api_key=self._api_key)
+                if ready.healthy:
                     seen = await probe.probe_activity(client, url)
-                    # Unreadable metrics count as activity: never stop what we cannot see.
-                    samples.append((url, 1.0, 0.0) if seen is None else (url, seen.in_flight, seen.success_total))
-            if self._inventory.note_health(m, ok, strict=strict):
+            now = trio.current_time()
+            if ready is None or not ready.healthy:
+                changed = rec.failed(now, silent=ready is None or ready.timed_out,
+                                     reason="timeout" if ready is None else ready.reason)
+            else:
+                changed = rec.succeeded(now, progress_of(seen))
+            if changed:
+                log_change(rec)
+            ok = ready is not None and ready.ready and rec.up
+            if ok and activity:
+                # Unreadable metrics count as activity: never stop what we cannot see.
+                samples.append((url, 1.0, 0.0) if seen is None else (url, seen.in_flight, seen.success_total))
+            # The record counts failures (health_failures in a row): once it says not up, out at once.
+            if self._inventory.note_health(m, ok, strict=strict or not rec.up):
                 self._counts["down"] += 1
                 logger.warning("upstream failing health", extra={"tier": self.tier, "upstream": url})
 

@@ -66,6 +66,7 @@ class Gateway:
         self.connections: set = set()  # open Downstream objects (a drain closes the idle ones)
         self.server = None  # proxy.accept.listener.Server, set when serving
         self.services: trio.Nursery | None = None  # long-lived tasks: usage writer, metrics, wakers
+        self._waker_scopes: dict = {}  # running waker -> its cancel scope (run_waker, stop_waker)
         self.metrics.register_stats_source("upstream_pool", self.pool.statistics)
 
     @property
@@ -82,11 +83,31 @@ class Gateway:
             if cfg.wake is None or tier.waker is not None:
                 continue
             tier.waker = Waker(cfg.name, cfg.wake, list(cfg.upstreams), list(cfg.models),
-                               upstream_api_key=cfg.upstream_api_key)
+                               upstream_api_key=cfg.upstream_api_key, on_wake_ready=self.metrics.wake_ready)
             created.append(tier.waker)
             if self.services is not None:
-                self.services.start_soon(tier.waker.run)
+                self.services.start_soon(self.run_waker, tier.waker)
         return created
+
+    async def run_waker(self, waker, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Run `waker` (describing its instances first) until `stop_waker` or the services end."""
+        with trio.CancelScope() as scope:
+            self._waker_scopes[waker] = scope
+            try:
+                await waker.run(task_status=task_status)
+            finally:
+                self._waker_scopes.pop(waker, None)
+
+    def running_wakers(self) -> list:
+        """The wakers whose control loop is running now."""
+        return list(self._waker_scopes)
+
+    def stop_waker(self, waker) -> None:
+        """Stop a waker no tier uses any more (a reload changed or removed its `[tiers.wake]`): one
+        controller per tier, never two -- the old one would act on instances the new one controls."""
+        scope = self._waker_scopes.get(waker)
+        if scope is not None:
+            scope.cancel()
 
     def waker_statistics(self) -> dict:
         return {name: t.waker.statistics() for name, t in self.runtime.router.tiers.items() if t.waker is not None}

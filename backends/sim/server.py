@@ -16,11 +16,25 @@ Rules:
 - `/metrics`, `/health` and `statistics()` read the same live counters, so the waker's idle
   detector sees exactly what a test sees. Auth applies to `/v1/*` only, as `vllm serve --api-key`.
 - A bug on one connection is logged and closes that connection only; the server keeps serving.
+- Faults, switchable at runtime (`set_fault`, or `POST /_sim/fault` with {"mode": ...}) so a healthy
+  host can go sick and recover: "black_hole" accepts connections and reads requests but answers
+  nothing -- /health included -- and in-flight generations stop writing (a TP engine hung in a
+  collective, a host whose network half died); "stall" keeps /health at 200 while generations stop
+  progressing and /metrics shows them running with `vllm:generation_tokens_total` frozen. Parked
+  requests watch their sockets (a client that hangs up aborts its generation, as ever); clearing the
+  fault lets them carry on.
+- `vllm:generation_tokens_total` moves while generations run (streams by the tokens written,
+  non-streaming answers by their decode schedule), as vLLM's does per engine step, so a long healthy
+  generation never looks stalled.
+- Probes (`User-Agent: spotinference-probe`, backends/probe.py) to /health and /metrics are answered
+  but not recorded in `requests`, `responses` or `requests_total`: they are the gateway's background
+  traffic, not a test's.
 """
 
 from __future__ import annotations
 
 import collections
+import functools
 import hmac
 import logging
 import math
@@ -49,6 +63,9 @@ RECORDED = 200  # entries kept in `requests` / `responses`
 RECORDED_BODY_BYTES = 4 * 1024 * 1024  # a longer answer is recorded as its first 4 MiB
 
 _ENGINE_REASON = {"stop": "stop", "tool_calls": "stop", "length": "length", "abort": "abort"}
+FAULTS = ("black_hole", "stall")
+FAULT_PATH = b"/_sim/fault"
+PROBE_AGENT = b"spotinference-probe"  # backends.probe.USER_AGENT
 
 
 class RecordedRequest(NamedTuple):
@@ -79,20 +96,29 @@ class SimStatistics(msgspec.Struct, frozen=True, kw_only=True):
 class _Model:
     """Per-model counters behind /metrics."""
 
-    __slots__ = ("generation", "prompt", "running", "success")
+    __slots__ = ("generation", "live", "prompt", "running", "success")
 
     def __init__(self) -> None:
         self.running = 0
         self.prompt = 0
-        self.generation = 0
+        self.generation = 0  # tokens of finished generations
+        self.live: set[Callable[[float], int]] = set()  # tokens so far of each running generation
         self.success = {"stop": 0, "length": 0, "abort": 0, "error": 0}
+
+    def generated(self, now: float) -> int:
+        return self.generation + sum(f(now) for f in self.live)
+
+
+class _FaultMode(msgspec.Struct):
+    mode: str | None = None
 
 
 class SimServer:
     """A simulated vLLM OpenAI-compatible server (see the module docstring).
 
     Mutable knobs, read on every request: `healthy` (False -> /health answers 503, as vLLM with a
-    dead engine; the API keeps serving) and `die_after_events` (a stream started while it is set is
+    dead engine; the API keeps serving), `fault` (set with `set_fault`: None, "black_hole" or
+    "stall", see the module docstring) and `die_after_events` (a stream started while it is set is
     closed abruptly after that many SSE events -- role, token, usage and [DONE] chunks all count --
     without the terminating chunk). `requests` records every parsed request on arrival;
     `responses` records every answer body (de-chunked, exactly as sent, partial when cut) when the
@@ -103,7 +129,10 @@ class SimServer:
     def __init__(self, options: SimOptions = SimOptions()) -> None:  # noqa: B008 (frozen, shared)
         self.options = options
         self.healthy = True
+        self.fault: str | None = None
         self.die_after_events: int | None = None
+        self._parked: set[trio.CancelScope] = set()  # requests waiting for the fault to clear
+        self._frozen: dict[str, int] = {}  # generation tokens per model when the stall began
         self.requests: collections.deque[RecordedRequest] = collections.deque(maxlen=RECORDED)
         self.responses: collections.deque[bytes] = collections.deque(maxlen=RECORDED)
         self._planner = Planner(options)
@@ -119,6 +148,7 @@ class SimServer:
             b"/health": (b"GET", self._health),
             b"/version": (b"GET", self._version),
             b"/metrics": (b"GET", self._metrics),
+            FAULT_PATH: (b"POST", self._set_fault),
         }
 
     async def serve(self, host: str = "127.0.0.1", port: int = 0, *,
@@ -134,15 +164,37 @@ class SimServer:
         task_status.started((host, bound))
         await trio.serve_listeners(self._connection, listeners)
 
+    def set_fault(self, mode: str | None) -> None:
+        """Make the host sick ("black_hole", "stall") or well again (None); see the module docstring."""
+        if mode is not None and mode not in FAULTS:
+            raise ValueError(f"unknown fault {mode!r}; expected one of {FAULTS} or None")
+        if mode == self.fault:
+            return
+        if mode == "stall":
+            now = _now()
+            self._frozen = {name: m.generated(now) for name, m in self._models.items()}
+        self.fault = mode
+        log.warning("simulated vLLM: fault %s", mode or "cleared")
+        if mode is None:
+            self._frozen = {}
+            parked, self._parked = self._parked, set()
+            for scope in parked:
+                scope.cancel()
+
+    def _generation_tokens(self, name: str, model: _Model, now: float) -> int:
+        frozen = self._frozen.get(name) if self.fault == "stall" else None
+        return model.generated(now) if frozen is None else frozen
+
     def statistics(self) -> SimStatistics:
         """An immutable snapshot of the counters (the same ones /metrics renders)."""
         t = self._totals
+        now = _now()
         return SimStatistics(
             requests_total=t["requests"], running=sum(m.running for m in self._models.values()),
             finished_total=t["finished"], cancelled_total=t["cancelled"], finished_stop=t["stop"],
             finished_length=t["length"], finished_tool_calls=t["tool_calls"], errors_total=t["errors"],
             prompt_tokens_total=sum(m.prompt for m in self._models.values()),
-            generation_tokens_total=sum(m.generation for m in self._models.values()),
+            generation_tokens_total=sum(self._generation_tokens(n, m, now) for n, m in self._models.items()),
             open_connections=t["connections"])
 
     # -- connection loop -------------------------------------------------------------------------
@@ -162,10 +214,14 @@ class SimServer:
                         return
                     if request is None:
                         return
-                    self._totals["requests"] += 1
-                    self.requests.append(RecordedRequest(request.method.decode(),
-                                                         request.target.decode("latin-1"),
-                                                         request.headers, request.body))
+                    if not _is_probe(request):
+                        self._totals["requests"] += 1
+                        self.requests.append(RecordedRequest(request.method.decode(),
+                                                             request.target.decode("latin-1"),
+                                                             request.headers, request.body))
+                    if self.fault == "black_hole" and request.path != FAULT_PATH \
+                            and not await self._park(conn):
+                        return  # the client gave up on the silence
                     if not await self._dispatch(conn, request):
                         return
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -213,6 +269,8 @@ class SimServer:
             if self.options.latency_ms > 0 and not await self._sleep_watching(
                     conn, t0 + self.options.latency_ms / 1000):
                 return False
+            if self.fault is not None and not await self._park(conn):
+                return False
             body = embeddings_body(model, vectors, prompt, b64)
             self.responses.append(body)
             await conn.respond(200, body, request.keep_alive)
@@ -227,7 +285,8 @@ class SimServer:
 
     async def _health(self, conn: Conn, request: Request) -> bool:
         status = 200 if self.healthy else 503
-        self.responses.append(b"")
+        if not _is_probe(request):
+            self.responses.append(b"")
         await conn.respond(status, b"", request.keep_alive, None)
         return request.keep_alive
 
@@ -235,12 +294,24 @@ class SimServer:
         return await self._ok(conn, request, b'{"version":"%s"}' % VLLM_VERSION.encode())
 
     async def _metrics(self, conn: Conn, request: Request) -> bool:
-        return await self._ok(conn, request, self.metrics_text(),
-                              b"text/plain; version=0.0.4; charset=utf-8")
+        kind = b"text/plain; version=0.0.4; charset=utf-8"
+        if _is_probe(request):
+            await conn.respond(200, self.metrics_text(), request.keep_alive, kind)
+            return request.keep_alive
+        return await self._ok(conn, request, self.metrics_text(), kind)
+
+    async def _set_fault(self, conn: Conn, request: Request) -> bool:
+        try:
+            mode = msgspec.json.decode(request.body or b"{}", type=_FaultMode).mode
+            self.set_fault(mode)
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
+            return await self._error(conn, request, 400, msgspec.json.encode({"detail": str(exc)}))
+        return await self._ok(conn, request, msgspec.json.encode({"mode": self.fault}))
 
     def metrics_text(self) -> bytes:
         """Prometheus text with vLLM's metric names and labels (`engine`, `model_name`)."""
         out: list[str] = []
+        now = _now()
 
         def family(name: str, kind: str, doc: str, value: Callable[[_Model], float],
                    reasons: tuple[str, ...] = ("",)) -> None:
@@ -260,8 +331,9 @@ class SimServer:
                lambda c: min(1.0, c.running / 256))
         family("vllm:prompt_tokens_total", "counter", "Number of prefill tokens processed.",
                lambda c: c.prompt)
+        tokens = {id(m): self._generation_tokens(n, m, now) for n, m in self._models.items()}
         family("vllm:generation_tokens_total", "counter", "Number of generation tokens processed.",
-               lambda c: c.generation)
+               lambda c: tokens[id(c)])
         family("vllm:request_success_total", "counter", "Count of successfully processed requests.",
                lambda c: 0, ("abort", "error", "length", "stop"))
         return "".join(out).encode()
@@ -281,16 +353,23 @@ class SimServer:
         counters.prompt += plan.prompt_tokens
         sent: list[bytes] = []
         outcome = "abort"
+        o = self.options
+        if plan.stream:
+            live = functools.partial(_live_streamed, plan, sent)
+        else:
+            live = functools.partial(_live_scheduled, plan.completion_tokens, t0 + o.ttft_ms / 1000, o.tokens_per_s)
+        counters.live.add(live)
         try:
             if plan.stream:
                 if await self._stream(conn, plan, t0, sent):
                     outcome = plan.choices[0].finish
                 return outcome != "abort" and request.keep_alive
-            o = self.options
             ready = t0 + (o.ttft_ms + o.latency_ms) / 1000
             if o.tokens_per_s > 0:
                 ready += max(plan.max_steps - 1, 0) / o.tokens_per_s
             if ready > trio.current_time() and not await self._sleep_watching(conn, ready):
+                return False
+            if self.fault is not None and not await self._park(conn):
                 return False
             body = plan.body()
             sent.append(body)
@@ -299,6 +378,7 @@ class SimServer:
             return request.keep_alive
         finally:
             self.responses.append(b"".join(sent)[:RECORDED_BODY_BYTES])
+            counters.live.discard(live)
             tokens = plan.completion_tokens if outcome != "abort" else _streamed_tokens(plan, sent)
             self._finish(counters, outcome, tokens)
 
@@ -329,6 +409,11 @@ class SimServer:
         out = [sse_head()]
         step_due = -1
         for step, event in plan.events():
+            if self.fault is not None:
+                if self.fault == "stall":
+                    await conn.write(out)  # what was generated goes out; then nothing more
+                if not await self._park(conn):
+                    return False
             if paced and step != step_due:
                 step_due = step
                 due = first + step / rate if rate > 0 else first
@@ -367,6 +452,29 @@ class SimServer:
             await trio.sleep_until(deadline)
         return True
 
+    async def _park(self, conn: Conn) -> bool:
+        """Wait until the fault is cleared, watching the socket; False if the client hung up first.
+        Bytes that arrive meanwhile (a pipelined request) are kept, up to MAX_HEAD_BYTES."""
+        if conn.scope.deadline != math.inf:  # waiting is not idling: no phase limit applies
+            conn.scope.deadline = math.inf
+        with trio.CancelScope() as parked:
+            self._parked.add(parked)
+            try:
+                if self.fault is None:
+                    return True
+                while len(conn.buffer) <= MAX_HEAD_BYTES:
+                    try:
+                        data = await conn.receive()
+                    except trio.BrokenResourceError:
+                        return False
+                    if not data:
+                        return False
+                    conn.buffer += data
+                await trio.sleep_forever()
+            finally:
+                self._parked.discard(parked)
+        return True
+
     # -- answers ---------------------------------------------------------------------------------------
 
     async def _ok(self, conn: Conn, request: Request, body: bytes, content_type: bytes = JSON) -> bool:
@@ -392,6 +500,33 @@ def _json_only(request: Request) -> None:
     media = request.fields.get(b"content-type", b"").split(b";", 1)[0].strip().lower()
     if media != b"application/json":
         raise error(400, "Unsupported Media Type: Only 'application/json' is allowed", "Bad Request")
+
+
+def _now() -> float:
+    """trio's clock; outside a trio run (a snapshot taken after the test's loop ended) no generation
+    runs, so any time will do."""
+    try:
+        return trio.current_time()
+    except RuntimeError:
+        return math.inf
+
+
+def _is_probe(request: Request) -> bool:
+    return request.fields.get(b"user-agent", b"").startswith(PROBE_AGENT)
+
+
+def _live_streamed(plan: Plan, sent: list[bytes], now: float) -> int:
+    """Tokens a running stream has written so far."""
+    return _streamed_tokens(plan, sent)
+
+
+def _live_scheduled(total: int, first_at: float, rate: float, now: float) -> int:
+    """Tokens a running non-streaming generation has decoded by `now` (first at `first_at`, then `rate`/s)."""
+    if now < first_at:
+        return 0
+    if rate <= 0:
+        return total
+    return min(total, 1 + int((now - first_at) * rate))
 
 
 def _streamed_tokens(plan: Plan, sent: list[bytes]) -> int:

@@ -5,6 +5,11 @@ one waker per sleeping tier) live in an outer nursery that outlives the connecti
 listener has drained, the usage log is flushed last (shielded) and nothing in flight is lost. Wakers
 start before the first connection is accepted (each describes its instances first: restart-safe).
 `run_gateway` reports the bound address through `task_status` and serves until cancelled or drained.
+Active health (backends/health.py): one `HealthBook` per worker, attached to every tier (and handed to
+every waker, which probes its own hosts into it) before the first connection; the prober probes the
+upstreams of the tiers without a waker every `upstream.health_interval_s`. A reload's new router (and
+its new wakers) are attached when the prober next asks for its targets, within one interval. The
+interval, timeout and thresholds are read at start.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import functools
 
 import trio
 
+from backends.health import HealthBook, run_prober
 from proxy.accept.listener import serve_tcp
 from proxy.accept.vanished import run_sweeper
 from proxy.config import Config
@@ -39,10 +45,18 @@ async def run_gateway(config: Config, *, gateway: Gateway | None = None, sock=No
             services.start_soon(gw.metrics.run)
             services.start_soon(logs.run_flusher)
             services.start_soon(run_sweeper, gw.connections)
-            for waker in gw.start_wakers():
-                await services.start(waker.run)  # describes the instances first: restart-safe
+            up = config.upstream
+            book = HealthBook(unhealthy_after=up.unhealthy_after, stall_s=up.stall_s)
+            wakers = gw.start_wakers()
+            targets = _health_targets(gw, book)
+            targets()  # attach the book to the tiers and wakers before they serve
+            for waker in wakers:
+                await services.start(gw.run_waker, waker)  # describes the instances first: restart-safe
+            await services.start(functools.partial(run_prober, book, targets, interval_s=up.health_interval_s,
+                                                   timeout_s=up.health_timeout_s))
             gw.services = services
             gw.metrics.register_stats_source("tier", gw.waker_statistics, label="tier")
+            gw.metrics.register_stats_source("upstream_health", book.statistics, label="upstream")
             async with trio.open_nursery() as nursery:
                 address = await nursery.start(functools.partial(serve_tcp, gw, config.server, sock=sock))
                 logs.event("gateway_listening", host=address[0], port=address[1],
@@ -52,3 +66,27 @@ async def run_gateway(config: Config, *, gateway: Gateway | None = None, sock=No
     finally:
         gw.pool.close_all()
         logs.flush()
+
+
+def attach_health(router, book: HealthBook) -> None:
+    """Route every tier of `router` by `book`, and have every waker keep its hosts' records there."""
+    for tier in router.tiers.values():
+        tier.attach_health(book)
+        use = getattr(tier.waker, "use_health", None)
+        if use is not None:
+            use(book)
+
+
+def _health_targets(gw: Gateway, book: HealthBook):
+    """The prober's targets: the upstreams of the tiers without a waker (a waker probes its own hosts),
+    attaching the book to a router the first time it is seen (a reload)."""
+    attached = [None]
+
+    def targets() -> list[str]:
+        router = gw.runtime.router
+        if router is not attached[0]:
+            attach_health(router, book)
+            attached[0] = router
+        return [url for tier in router.tiers.values() if tier.waker is None for url in tier.urls]
+
+    return targets

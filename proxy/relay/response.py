@@ -8,7 +8,8 @@ before the next upstream read blocks, so nothing waits in the gateway (flow cont
 The usage tap (usage/taps.py) sees every piece on its way and may drop the one usage event the
 gateway asked for; its counts go into the request's record when the relay ends.
 The head's headers are headers.py's. Failure after the head was sent (the upstream closes or goes
-silent for `between_chunks_s`): for SSE the in-band error event of inband.py, then an abort.
+silent for `between_chunks_s`, or its health record declares it silent or stalled -- the `watch` from
+upstream/open.py shuts its socket down): for SSE the in-band error event of inband.py, then an abort.
 """
 
 from __future__ import annotations
@@ -63,10 +64,11 @@ def _take(conn, tap, frame) -> tuple[bytes, bool]:
 
 
 async def relay_response(gw, ds: Downstream, ex: Exchange, tier, conn, response, extra_headers, tap, *,
-                         head_sent: bool = False) -> None:
+                         head_sent: bool = False, watch=None) -> None:
     """Relay the response whose head is `response` (http1.ResponseHead); release or discard `conn`.
     With `head_sent` (a stream that waited for a wake got its 200 head early) only the body is relayed,
-    and an upstream error status becomes an in-band error event."""
+    and an upstream error status becomes an in-band error event. `watch` (upstream/open.py), still
+    registered with the upstream's health record, is disarmed when the relay ends."""
     ex.t_first_byte = time.perf_counter()
     ex.status = response.status
     between_s = gw.runtime.config.upstream.between_chunks_s
@@ -80,6 +82,8 @@ async def relay_response(gw, ds: Downstream, ex: Exchange, tier, conn, response,
                 detail = b""
             finally:
                 pool.discard(conn)
+                if watch is not None:
+                    watch.disarm()
             ex.error_type = "upstream_error"
             message = detail.decode("utf-8", "replace")[:2000] or f"upstream status {response.status}"
             await end_stream_with_error(ds, errors.ApiError(response.status, message, "server_error",
@@ -132,8 +136,12 @@ async def relay_response(gw, ds: Downstream, ex: Exchange, tier, conn, response,
         failure = f"no data for {between_s:g} s"
         ex.error_type = "upstream_timeout"
     except UpstreamClosed:
-        failure = "the upstream closed the stream"
-        ex.error_type = "upstream_closed"
+        if watch is not None and watch.killed:
+            failure = watch.reason
+            ex.error_type = "upstream_unhealthy"
+        else:
+            failure = "the upstream closed the stream"
+            ex.error_type = "upstream_closed"
     except ClientGone:
         pass
     finally:
@@ -141,6 +149,9 @@ async def relay_response(gw, ds: Downstream, ex: Exchange, tier, conn, response,
             metrics.stream_closed()
         if tap is not None:
             read_tap(ex, tap)
+        if watch is not None:
+            watch.disarm()
+            ok = ok and not watch.killed  # its socket is shut: never back into the pool
         if ok:
             pool.release(conn)
         else:

@@ -7,6 +7,9 @@ Strategy: the one loop that ties the wake wait (wake_wait.py) to the upstream re
   again, within the same cap -> ... -> relay the response (relay/response.py).
 Errors become the response here: the JSON envelope with the rate-limit and wake headers, or -- once
 an early SSE head is out -- an in-band error event. Only a vanished client's cancellation propagates.
+The loop waits on the requested tier's waker; a fallback tier it hands over that has no waker is
+tried once, its refusal answered as an error (nothing to wait for). One `Watch` (upstream/open.py) follows the
+exchange from the upstream's head to the end of the relay, so a health verdict can end it.
 """
 
 from __future__ import annotations
@@ -19,27 +22,35 @@ from proxy.exchange import Exchange
 from proxy.relay.inband import end_stream_with_error
 from proxy.relay.response import relay_response
 from proxy.routing.wake_wait import cap_left_s, wait_for_tier, wake_header
-from proxy.upstream.open import open_upstream
+from proxy.upstream.open import Watch, open_upstream
 
 
 async def forward_to_tier(gw, ds: Downstream, ex: Exchange, tier, request, body: bytes, extra_headers,
                           tap) -> None:
     """Send `body` to `tier` (waking it if needed) and relay the answer; sends exactly one response."""
-    waker = tier.waker
+    home = tier
+    waker = home.waker
+    watch = Watch()  # registered with the chosen upstream's health record until the relay ends
     try:
         while True:
+            tier = home
             if waker is not None and not waker.is_ready():
-                tier = await wait_for_tier(gw, ds, ex, tier, stream=ex.stream, extra_headers=extra_headers)
+                # The tier to use: this one once ready, or the fallback tier its waker engaged.
+                tier = await wait_for_tier(gw, ds, ex, home, stream=ex.stream, extra_headers=extra_headers)
             try:
-                conn, response = await open_upstream(gw, ex, tier, request, body)
+                conn, response = await open_upstream(gw, ex, tier, request, body, watch)
                 break
             except errors.ApiError as err:
                 # Every upstream refused (each was reported to the waker as it failed): the tier went
-                # away under us -- wait for the waker again, within the same hard cap.
-                if (waker is None or err.code != "upstream_unavailable"
-                        or cap_left_s(ex, waker.settings.hard_cap_s) <= 0):
+                # away under us -- wait for its waker again, within the same hard cap. A tier without
+                # a waker (a fallback tier) is answered as it is: 503 in the envelope, or in-band.
+                again = tier.waker
+                if (again is None or err.code != "upstream_unavailable"
+                        or cap_left_s(ex, again.settings.hard_cap_s) <= 0):
                     raise
-                await trio.sleep(min(waker.settings.poll_s, max(0.0, cap_left_s(ex, waker.settings.hard_cap_s))))
+                if tier is not home and tier.name == home.name:
+                    home, waker = tier, again  # a reload replaced the tier while we waited
+                await trio.sleep(min(again.settings.poll_s, max(0.0, cap_left_s(ex, again.settings.hard_cap_s))))
     except errors.ApiError as err:
         ex.fail(err)
         if ex.early_head:
@@ -59,4 +70,5 @@ async def forward_to_tier(gw, ds: Downstream, ex: Exchange, tier, request, body:
     wh = wake_header(ex)
     if wh is not None:
         extra_headers = (*extra_headers, wh)
-    await relay_response(gw, ds, ex, tier, conn, response, extra_headers, tap, head_sent=ex.early_head)
+    await relay_response(gw, ds, ex, tier, conn, response, extra_headers, tap, head_sent=ex.early_head,
+                         watch=watch)

@@ -7,6 +7,12 @@ by a reload). A tier rotates its upstream list per request (round robin),
 so a down host is skipped by the caller's retry loop rather than by bookkeeping here. When a tier
 has a waker (ops.waker), the waker is the authority on which upstreams are routable and whether the
 tier is ready; the router only holds it.
+Active health (backends/health.py): the gateway's prober attaches its `HealthBook` to every tier of
+the router in use (`attach_health`; a reloaded router within one probe interval). A tier without a
+waker then skips upstreams whose record is down or stalled -- none left: none to try (503) --
+re-filtering only when the book's `version` moved, so the hot path pays one integer comparison. A
+waker's routable list already reflects the same records. `health_record(url)` is the record an
+exchange on that upstream registers with (proxy/upstream/open.py).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from typing import TYPE_CHECKING
 from proxy.config import Config, TierConfig, parse_upstream
 
 if TYPE_CHECKING:
+    from backends.health import HealthBook, UpstreamHealth
     from ops.waker import Waker
 
 
@@ -26,7 +33,8 @@ def _address(url: str) -> tuple[str, int]:
 
 
 class Tier:
-    __slots__ = ("_rr", "auth_header", "config", "models", "name", "pairs", "urls", "waker")
+    __slots__ = ("_records", "_rr", "_up", "_version", "auth_header", "config", "health", "models", "name",
+                 "pairs", "urls", "waker")
 
     def __init__(self, config: TierConfig) -> None:
         self.config = config
@@ -39,14 +47,34 @@ class Tier:
             if config.upstream_api_key else None
         )
         self.waker: Waker | None = None
+        self.health: HealthBook | None = None
+        self._records: list[UpstreamHealth] = []
+        self._up = self.pairs  # the pairs whose record is up, as of book version `_version`
+        self._version = -1
         self._rr = 0
+
+    def attach_health(self, book: HealthBook) -> None:
+        """Route by `book`'s verdicts from now on (idempotent)."""
+        if book is self.health:
+            return
+        self._records = [book.record(u) for u in self.urls]
+        self._version = -1
+        self.health = book
+
+    def health_record(self, url: str) -> UpstreamHealth | None:
+        book = self.health
+        return None if book is None else book.get(url)
 
     def candidates(self) -> list[tuple[str, tuple[str, int]]]:
         """(url, address) of the upstreams to try for one request, rotated for round robin."""
         if self.waker is not None:
             pairs = [(u, _address(u)) for u in self.waker.upstreams()]
         else:
-            pairs = self.pairs
+            book = self.health
+            if book is not None and book.version != self._version:
+                self._version = book.version
+                self._up = [p for p, rec in zip(self.pairs, self._records, strict=True) if rec.up]
+            pairs = self._up
         n = len(pairs)
         if n <= 1:
             return pairs

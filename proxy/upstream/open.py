@@ -6,20 +6,64 @@ fresh retry on the same address: the server may have closed it idle under us); a
 response byte, never. A first-byte timeout is not retried either: the upstream may be generating.
 Every upstream that refused or reset is reported to the tier's waker, which takes it out of rotation
 and re-probes it. Outcomes: (connection, response head); or 503 `upstream_unavailable` (nothing
-reachable: retryable), 502 (an upstream took the request and hung up), 504 (first byte too slow).
+reachable: retryable), 502 (an upstream took the request and hung up, or its health record found it
+silent or stalled while we waited: not retried, it may have started generating), 504 (first byte too
+slow).
+Health: with the tier's health record (backends/health.py), the exchange registers a `Watch` for as
+long as it waits on the upstream -- a set add and discard, no task. A sick verdict shuts the upstream
+socket down, so the waiting read sees EOF at once; `watch.killed` tells that EOF from a real one. A
+caller that passes its own `watch` keeps it registered past the head, for the relay (which disarms it).
 """
 
 from __future__ import annotations
 
+import socket
 import time
 
 import trio
 
+from backends.health import Verdict
 from proxy import errors
 from proxy.exchange import Exchange
 from proxy.observe import logs
 from proxy.upstream.connection import UpstreamClosed, UpstreamProtocolError, encode_request
 from proxy.upstream.headers import upstream_headers
+
+
+class Watch:
+    """One exchange waiting on one upstream, as that upstream's health record sees it."""
+
+    __slots__ = ("killed", "reason", "record", "sock")
+
+    def __init__(self) -> None:
+        self.killed = False
+        self.reason = ""
+        self.record = None
+        self.sock: socket.socket | None = None
+
+    def arm(self, record, sock: socket.socket) -> None:
+        self.record, self.sock, self.killed = record, sock, False
+        record.enter(self)  # may call cancel() at once: the upstream is already sick
+
+    def disarm(self) -> None:
+        record = self.record
+        if record is not None:
+            self.record = None
+            record.leave(self)
+
+    def cancel(self) -> None:
+        """The health record's verdict: this upstream cannot answer. Wake whoever reads it with EOF."""
+        self.killed = True
+        record = self.record
+        self.reason = ("it stopped making progress (generation tokens frozen with requests running)"
+                       if record is not None and record.verdict is Verdict.STALLED
+                       else "it stopped answering its health checks")
+        sock = self.sock
+        if sock is not None and sock.fileno() >= 0:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
 
 def report_unreachable(tier, url: str) -> None:
@@ -29,16 +73,21 @@ def report_unreachable(tier, url: str) -> None:
         tier.waker.report_unreachable(url)
 
 
-async def open_upstream(gw, ex: Exchange, tier, request, body: bytes):
-    """Send the request to an upstream of `tier`; return (connection, response head)."""
+async def open_upstream(gw, ex: Exchange, tier, request, body: bytes, watch: Watch | None = None):
+    """Send the request to an upstream of `tier`; return (connection, response head). With `watch`,
+    it stays registered with the chosen upstream's health record after the head (the caller disarms)."""
     cfg = gw.runtime.config.upstream
     pool = gw.pool
     trusted = gw.runtime.trusted_proxies
     target = request.target
     saw_connect_error = saw_reset = False
+    keep = watch is not None
     for url, address in tier.candidates():
         head = encode_request(b"POST", target, upstream_headers(request.headers, tier, address, ex.request_id,
                                                                  len(body), ex.client, trusted))
+        record = tier.health_record(url)
+        if record is not None and watch is None:
+            watch = Watch()
         for attempt in range(2):
             conn = pool.take_idle(address) if attempt == 0 else None
             reused = conn is not None
@@ -50,6 +99,8 @@ async def open_upstream(gw, ex: Exchange, tier, request, body: bytes):
                     saw_connect_error = True
                     report_unreachable(tier, url)
                     break
+            if record is not None:
+                watch.arm(record, conn.sock)
             try:
                 ex.t_upstream = time.perf_counter()
                 await conn.send_request(head, body)
@@ -59,6 +110,10 @@ async def open_upstream(gw, ex: Exchange, tier, request, body: bytes):
                     raise trio.TooSlowError
             except UpstreamClosed:
                 pool.discard(conn)
+                if record is not None:
+                    watch.disarm()
+                    if watch.killed:
+                        raise errors.bad_gateway(tier.name, watch.reason) from None
                 if reused:
                     continue  # the server closed an idle keep-alive connection under us
                 saw_reset = True
@@ -66,13 +121,21 @@ async def open_upstream(gw, ex: Exchange, tier, request, body: bytes):
                 break
             except UpstreamProtocolError as exc:
                 pool.discard(conn)  # it answered, wrongly: never resent, never relayed, not "unreachable"
+                if record is not None:
+                    watch.disarm()
                 raise errors.bad_gateway(tier.name, f"invalid response head ({exc})") from None
             except trio.TooSlowError:
                 pool.discard(conn)
+                if record is not None:
+                    watch.disarm()
                 raise errors.upstream_timeout(tier.name, f"no response within {cfg.first_byte_s:g} s") from None
             except BaseException:
                 pool.discard(conn)
+                if record is not None:
+                    watch.disarm()
                 raise
+            if record is not None and not keep:
+                watch.disarm()
             ex.upstream = f"{address[0]}:{address[1]}"
             return conn, event
     if saw_reset and not saw_connect_error:

@@ -38,7 +38,9 @@ def make_config(upstreams: list[str], *, models=("sim-chat", "sim-embed"), keys_
     ]
     return validate(Config(
         server=ServerConfig(listen="127.0.0.1:0", **(server or {})),
-        upstream=UpstreamConfig(**(upstream or {})),
+        # Active health probes off unless a test asks (they would reach counting fake upstreams);
+        # the health tests set their own knobs.
+        upstream=UpstreamConfig(**{"health_interval_s": 3600.0, **(upstream or {})}),
         auth=AuthConfig(keys_file=keys_file),
         tiers=tier_list,
     ))
