@@ -47,6 +47,7 @@ from backends.sim.responses import (
     instance,
     invalid_body,
     new_id,
+    prompt_options,
 )
 
 # -- request views (narrow; unknown fields such as top_k or guided_json are ignored) -------------
@@ -201,6 +202,7 @@ class Planner:
         plan = Plan("chat", "chatcmpl-" + (request_id or new_id("")), model, prompt,
                     stream=bool(req.stream), include_usage=bool(req.stream_options and req.stream_options.include_usage),
                     continuous=bool(req.stream_options and req.stream_options.continuous_usage_stats))
+        plan.return_token_ids, plan.prompt_logprobs = prompt_options(body)
         tool: _Tool | None = None
         if choice != "none" and req.tools:
             if isinstance(choice, _NamedChoice):
@@ -241,6 +243,7 @@ class Planner:
                     sum(tokens for _, tokens in prompts), stream=bool(req.stream),
                     include_usage=bool(req.stream_options and req.stream_options.include_usage),
                     continuous=bool(req.stream_options and req.stream_options.continuous_usage_stats))
+        plan.return_token_ids, plan.prompt_logprobs = prompt_options(body)
         structured = _structured(req.response_format)
         for p, (seed_text, tokens) in enumerate(prompts):
             for j in range(n):

@@ -137,10 +137,10 @@ class Metrics:
                                       registry=reg, multiprocess_mode="livesum")
         self.open_streams = Gauge("open_streams", "Streamed responses in progress.", namespace=ns,
                                   registry=reg, multiprocess_mode="livesum")
+        # Fed by each waker when a wake reaches ready; wakes over budget are counted by the waker itself
+        # (spotinference_tier_wake_budget_exceeded_total, mirrored from its statistics()).
         self.wake_duration = Histogram("wake_duration_seconds", "Tier wake time, request to ready.",
                                        ("tier",), namespace=ns, registry=reg, buckets=WAKE_BUCKETS)
-        self.wake_budget_exceeded = Counter("wake_budget_exceeded", "Wakes that took longer than budget_s.",
-                                            ("tier",), namespace=ns, registry=reg)
         self.internal_errors = Counter(
             "internal_errors", "Unexpected exceptions contained by the crash barrier (the worker carried on).",
             ("where",), namespace=ns, registry=reg)
@@ -213,11 +213,9 @@ class Metrics:
     def worker_restarted(self, index: str) -> None:
         self.worker_restarts.labels(index).inc()
 
-    def wake_finished(self, tier: str, duration_s: float, budget_exceeded: bool) -> None:
-        """A tier wake ended (ready or failed) after `duration_s`."""
+    def wake_ready(self, tier: str, duration_s: float) -> None:
+        """A tier's wake reached ready `duration_s` after it was requested (the waker calls it)."""
         self.wake_duration.labels(tier).observe(duration_s)
-        if budget_exceeded:
-            self.wake_budget_exceeded.labels(tier).inc()
 
     # -- statistics() records ------------------------------------------------------------------------------
 

@@ -4,7 +4,10 @@ Strategy: build the whole new `Runtime` first; only if the config and the keys f
 swapped in (one assignment), so new keys, revoked keys and tier changes apply to the next request
 while open connections carry on. A config that does not load is refused with a log line and the old
 one stays. Wakers of tiers whose wake settings and upstreams did not change are carried over (a wake
-in progress is not restarted); new or changed ones are started. A revoked key's rate-limit buckets
+in progress is not restarted); new or changed ones are started, and every old waker not carried over
+is stopped -- one controller per tier, always (the new one describes the instances as it starts, so
+nothing of the old one's state is lost). Requests waiting on a stopped waker move to the tier's new
+waker (routing/wake_wait.py looks the tier up again at every poll). A revoked key's rate-limit buckets
 are dropped. `listen` and `workers` changes need a restart (logged).
 """
 
@@ -37,6 +40,11 @@ def reload(gw: Gateway, config_path: str | None) -> bool:
                 and prev.urls == tier.urls:
             tier.waker = prev.waker
     gw.runtime = runtime
+    kept = {id(t.waker) for t in runtime.router.tiers.values() if t.waker is not None}
+    for tier in old.router.tiers.values():
+        if tier.waker is not None and id(tier.waker) not in kept:
+            gw.stop_waker(tier.waker)
+            logs.event("waker_stopped", tier=tier.name, reason="its [tiers.wake] changed or was removed")
     for name in old.keys.names() - runtime.keys.names():
         gw.limiter.forget(name)  # a revoked (or removed) key's buckets go with it
     gw.start_wakers()

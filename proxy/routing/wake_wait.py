@@ -8,7 +8,8 @@ arrived (`Exchange.t0`), so a retry after a refused connection waits within the 
 - Streaming requests get the 200 head and `: waking` SSE comments every `heartbeat_s` (SDKs ignore
   comments; proxies and load balancers see bytes and keep the connection); at the cap the stream
   ends with an in-band `data: {"error": ...}` event.
-- Past `max_waiters`, 503 with Retry-After at once (a flood of waits is bounded).
+- Past `max_waiters`, 503 with Retry-After at once (a flood of waits is bounded) -- checked before a
+  stream's early head, so a refused stream gets the 503 status, not a 200 and an in-band error.
 The time waited is reported in `x-spotinference-wake-ms` (response header, or on the early SSE head).
 """
 
@@ -56,11 +57,18 @@ async def wait_for_tier(gw, ds: Downstream, ex: Exchange, tier, *, stream: bool,
     try:
         if stream:
             if not ex.early_head:
+                _check_room(waker, tier)
                 await send_early_sse_head(ds, ex, extra_headers)
+            failed = None
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_heartbeat, ds, settings.heartbeat_s, nursery.cancel_scope)
-                chosen = await _wait_ready_or_fallback(gw, ex, tier)
+                try:
+                    chosen = await _wait_ready_or_fallback(gw, ex, tier)
+                except errors.ApiError as exc:  # raised outside the nursery: an ApiError, not a group
+                    failed = exc
                 nursery.cancel_scope.cancel()
+            if failed is not None:
+                raise failed
         else:
             chosen = await _wait_ready_or_fallback(gw, ex, tier)
     finally:
@@ -70,6 +78,21 @@ async def wait_for_tier(gw, ds: Downstream, ex: Exchange, tier, *, stream: bool,
     if chosen is None:
         raise errors.wake_timeout(tier.name, time.perf_counter() - ex.t0)
     return chosen
+
+
+def _overloaded(tier, exc) -> errors.ApiError:
+    return errors.overloaded(f"Too many requests are waiting for tier '{tier.name}' to wake.",
+                             max(1, int(exc.retry_after_s)))
+
+
+def _check_room(waker, tier) -> None:
+    """503 now if the tier's waiting room is full (before a stream's 200 head goes out)."""
+    from ops.waker import WakeQueueFull
+
+    try:
+        waker.check_room()
+    except WakeQueueFull as exc:
+        raise _overloaded(tier, exc) from None
 
 
 def _fallback(gw, tier):
@@ -90,6 +113,13 @@ async def _wait_ready_or_fallback(gw, ex: Exchange, tier):
     waker = tier.waker
     settings = waker.settings
     while True:
+        live = gw.runtime.router.tiers.get(tier.name)
+        if live is not None and live is not tier:
+            # A reload replaced the tier (and stopped its old waker): wait on the new one, if any.
+            tier = live
+            if tier.waker is None:
+                return tier
+            waker, settings = tier.waker, tier.waker.settings
         if waker.is_ready():
             return tier
         other = _fallback(gw, tier)
@@ -103,8 +133,7 @@ async def _wait_ready_or_fallback(gw, ex: Exchange, tier):
             with trio.move_on_after(min(left, settings.poll_s)):
                 await waker.wait_ready()
         except WakeQueueFull as exc:
-            raise errors.overloaded(f"Too many requests are waiting for tier '{tier.name}' to wake.",
-                                    max(1, int(exc.retry_after_s))) from None
+            raise _overloaded(tier, exc) from None
 
 
 def wake_header(ex: Exchange) -> tuple[bytes, bytes] | None:

@@ -97,6 +97,9 @@ async def test_request_to_a_sleeping_tier_waits_and_succeeds(aws_url: str, tmp_p
             again = await trio.to_thread.run_sync(chat, url)
             assert "x-spotinference-wake-ms" not in again.headers  # it did not wait
             assert c.tap.count("StartInstances") == 1
+            metrics = await trio.to_thread.run_sync(scrape, url)
+            assert metrics["spotinference_wake_duration_seconds_count"] == {(("tier", "gpu"),): 1.0}
+            assert metrics["spotinference_wake_duration_seconds_sum"][(("tier", "gpu"),)] >= BOOT_S
 
 
 async def test_twenty_concurrent_requests_for_two_models_one_start(aws_url: str, tmp_path: Path) -> None:
@@ -292,8 +295,11 @@ async def test_a_flood_of_waits_past_max_waiters_gets_503_with_retry_after(aws_u
                 await until_waiters(url, 2)  # both are waiting now (the gateway says so)
                 async with httpx.AsyncClient(timeout=5) as http:
                     refused = await http.post(f"{url}/v1/chat/completions", json=body)
+                    # A stream is refused with the status too, before any early 200 SSE head.
+                    refused_stream = await http.post(f"{url}/v1/chat/completions", json={**body, "stream": True})
                 assert results == []  # refused at once, while the two still wait
                 c.tap.rewrite("DescribeInstances", None)  # now running: the two are served
             assert refused.status_code == 503
             assert refused.json()["error"]["code"] == "overloaded" and int(refused.headers["retry-after"]) >= 1
+            assert refused_stream.status_code == 503 and refused_stream.json()["error"]["code"] == "overloaded"
             assert sorted(r.status_code for r in results) == [200, 200]  # the two within the bound are served

@@ -116,10 +116,13 @@ async def test_queue_of_waiters_is_bounded(aws_url: str) -> None:
                 nursery.start_soon(waker.wait_ready)
                 nursery.start_soon(waker.wait_ready)
                 await wait_for(lambda: waker.statistics().waiters == 2)
+                with pytest.raises(WakeQueueFull):
+                    waker.check_room()  # what the gateway asks before a stream's early head
                 with pytest.raises(WakeQueueFull) as info:
                     await waker.wait_ready()
                 assert 1 <= info.value.retry_after_s <= waker.settings.hard_cap_s
             assert waker.is_ready()
+            waker.check_room()  # a ready tier always has room
 
 
 async def test_capacity_error_on_the_wire_starts_fallback_instances(aws_url: str) -> None:

@@ -242,6 +242,10 @@ class FakeWaker(Reporter):
             self.urls = list(urls)
         self._ready.set()
 
+    def check_room(self) -> None:
+        if self.queue_full is not None and not self.is_ready():
+            raise WakeQueueFull(self.queue_full)
+
     async def wait_ready(self) -> None:
         self.waits += 1
         if self.queue_full is not None:

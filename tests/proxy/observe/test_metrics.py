@@ -37,8 +37,8 @@ def test_render_after_hot_path_calls(monkeypatch) -> None:
     m.connection_opened()
     m.connection_closed()
     m.stream_opened()
-    m.wake_finished("h100x2", 500.0, True)
-    m.wake_finished("h100x2", 90.0, False)
+    m.wake_ready("h100x2", 500.0)
+    m.wake_ready("h100x2", 90.0)
     ctype, body = m.render()
     assert ctype.startswith(b"text/plain")
     s = samples(body)
@@ -55,7 +55,7 @@ def test_render_after_hot_path_calls(monkeypatch) -> None:
     assert value(s, "spotinference_open_connections") == 1
     assert value(s, "spotinference_open_streams") == 1
     assert value(s, "spotinference_wake_duration_seconds_count", tier="h100x2") == 2
-    assert value(s, "spotinference_wake_budget_exceeded_total", tier="h100x2") == 1
+    assert value(s, "spotinference_wake_duration_seconds_bucket", tier="h100x2", le="120.0") == 1
 
 
 class TierState(enum.Enum):

@@ -179,3 +179,29 @@ def test_wake_header_is_absent_until_a_wait_and_whole_milliseconds():
     assert wake_header(ex) is None
     ex.wake_ms = 1234.99
     assert wake_header(ex) == (b"x-spotinference-wake-ms", b"1234")
+
+
+async def test_a_stream_refused_by_a_full_wait_queue_gets_the_503_status_not_an_early_head(wake_clock):
+    gw, tier, ds, peer, ex = setup()
+    tier.waker.queue_full = 7
+    with pytest.raises(ApiError) as caught:  # a plain ApiError, not an exception group
+        await wait_for_tier(gw, ds, ex, tier, stream=True, extra_headers=[])
+    assert (caught.value.status, caught.value.code) == (503, "overloaded")
+    assert not ex.early_head and not ds.started
+    assert await received(ds, peer) == b""  # nothing sent: the caller answers with the 503
+
+
+async def test_a_stream_whose_wait_fails_after_the_head_gets_a_plain_api_error(wake_clock):
+    gw, tier, ds, _peer, ex = setup()
+
+    class LateFull(type(tier.waker)):
+        def check_room(self) -> None:  # room at first; full by the time it waits (another request won)
+            pass
+
+    tier.waker.__class__ = LateFull
+    tier.waker.queue_full = 3
+    with pytest.raises(ApiError) as caught:
+        await wait_for_tier(gw, ds, ex, tier, stream=True, extra_headers=[])
+    assert (caught.value.status, caught.value.code) == (503, "overloaded")
+    assert ex.early_head  # forward.py turns it into an in-band error event
+    ds.sock.close()

@@ -20,7 +20,6 @@ import msgspec
 import pytest
 import trio
 
-from backends.sim.responses import prompt_options
 from proxy.admit import keys
 from proxy.config import UsageConfig
 from proxy.gateway import build_runtime
@@ -303,25 +302,10 @@ async def test_a_request_that_never_reached_an_upstream_is_refunded(nursery, tmp
 # -- item 3: usage before megabytes of prompt_logprobs / prompt_token_ids --------------------------------
 
 
-def with_prompt_extras(sim) -> None:
-    """The sim's planner, answering return_token_ids / prompt_logprobs (responses.prompt_options)."""
-    planner = sim._planner
-    for name in ("chat", "completion"):
-        plan_for = getattr(planner, name)
-
-        def planned(body, request_id=None, _plan_for=plan_for):
-            plan = _plan_for(body, request_id)
-            plan.return_token_ids, plan.prompt_logprobs = prompt_options(body)
-            return plan
-
-        setattr(planner, name, planned)
-
-
 @pytest.mark.parametrize("extra", [b',"return_token_ids":true', b',"prompt_logprobs":5',
                                    b',"return_token_ids":true,"prompt_logprobs":1'])
 async def test_usage_is_found_before_a_long_tail(nursery, tmp_path, extra):
-    sim, url = await start_sim(nursery, max_model_len=100_000)
-    with_prompt_extras(sim)
+    _, url = await start_sim(nursery, max_model_len=100_000)
     s = await setup(nursery, tmp_path, url, tpm=100_000)
     body = chat_body(extra, content="sheep " * 4000, stream=False)
     with trio.fail_after(20):
