@@ -42,14 +42,13 @@ from __future__ import annotations
 
 import re
 
-from proxy.parse.chunked import FIELD_OK as _FIELD_OK
 from proxy.parse.chunked import ChunkedDecoder, ChunkError
+from proxy.parse.fields import FieldError, split_fields
 
 _TCHAR = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 _TCHAR_SET = frozenset(_TCHAR)
 _VCHAR = bytes(range(0x21, 0x7F))
 # A CRLF in a head not followed by `token:` -- obs-fold, no colon, whitespace before the colon.
-_BAD_FIELD_START = re.compile(rb"\r\n(?![-!#$%&'*+.^_`|~0-9A-Za-z]+:)")
 _HTTP_VERSION = re.compile(rb"HTTP/[0-9]\.[0-9]")
 _FRAMING = frozenset((b"host", b"content-length", b"transfer-encoding", b"connection", b"expect"))
 
@@ -169,24 +168,10 @@ def _parse_head(block: bytes, max_headers: int) -> RequestHead:
     n = len(lines) - 1
     if n > max_headers:
         raise RequestError(431, "too many header fields")
-    # Every byte is HTAB/SP/VCHAR/obs-text except exactly the n CRLFs that split the lines.
-    if block.translate(None, _FIELD_OK) != b"\r\n" * n:
-        raise _bad("control character or bare CR/LF in request head")
-    if n and _BAD_FIELD_START.search(block) is not None:
-        raise _bad("malformed header line")
-    headers = []
-    append = headers.append
-    framing = None
-    for line in lines[1:]:
-        name, _, value = line.partition(b":")
-        name = name.lower()
-        value = value.strip()  # only SP/HTAB can be there (the head has no other whitespace)
-        append((name, value))
-        if name in _FRAMING:
-            if framing is None:
-                framing = [(name, value)]
-            else:
-                framing.append((name, value))
+    try:
+        headers, framing = split_fields(block, lines, _FRAMING, "request")
+    except FieldError as exc:
+        raise _bad(str(exc)) from None
     keep_alive = version == b"1.1"
     if framing is None:
         if keep_alive:

@@ -29,16 +29,14 @@ complete out; the caller owns the socket and the timeouts.
 
 from __future__ import annotations
 
-import re
-
 from proxy.parse.chunked import FIELD_OK as _FIELD_OK
 from proxy.parse.chunked import ChunkedDecoder, ChunkError
+from proxy.parse.fields import FieldError, split_fields
 
 MAX_HEAD = 65536
 MAX_CONTENT_LENGTH_DIGITS = 18  # as the request side: < 10**18 bytes, and int() never sees a huge string
 
 # A CRLF in a head not followed by `token:` -- obs-fold, no colon, whitespace before the colon.
-_BAD_FIELD_START = re.compile(rb"\r\n(?![-!#$%&'*+.^_`|~0-9A-Za-z]+:)")
 _FRAMING = frozenset((b"content-length", b"transfer-encoding", b"connection"))
 _VERSIONS = {b"HTTP/1.1": b"1.1", b"HTTP/1.0": b"1.0"}
 
@@ -99,26 +97,11 @@ def _content_length(values: list[bytes]) -> int:
 def parse_head(block: bytes) -> ResponseHead:
     """Parse a complete head (without the final CRLFCRLF)."""
     lines = block.split(b"\r\n")
-    n = len(lines) - 1
-    # Every byte is HTAB/SP/VCHAR/obs-text except exactly the n CRLFs that split the lines.
-    if block.translate(None, _FIELD_OK) != b"\r\n" * n:
-        raise ResponseError("control character or bare CR/LF in response head")
+    try:
+        headers, framing = split_fields(block, lines, _FRAMING, "response")
+    except FieldError as exc:
+        raise ResponseError(str(exc)) from None
     version, status, reason = _status_line(lines[0])
-    if n and _BAD_FIELD_START.search(block) is not None:
-        raise ResponseError("malformed header line")
-    headers = []
-    append = headers.append
-    framing = None
-    for line in lines[1:]:
-        name, _, value = line.partition(b":")
-        name = name.lower()
-        value = value.strip()  # only SP/HTAB can be there (the head has no other whitespace)
-        append((name, value))
-        if name in _FRAMING:
-            if framing is None:
-                framing = [(name, value)]
-            else:
-                framing.append((name, value))
     keep_alive = version == b"1.1"
     content_length = None
     chunked = False
