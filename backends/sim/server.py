@@ -438,39 +438,34 @@ class SimServer:
         One task, no watcher: park on readability with the deadline as a cancel scope. Bytes that
         arrive meanwhile (a pipelined request) are kept for the next cycle, up to MAX_HEAD_BYTES.
         """
+        with trio.move_on_at(deadline):
+            return await self._watch_forever(conn)
+        return True
+
+    async def _watch_forever(self, conn: Conn) -> bool:
+        """Keep what arrives (up to MAX_HEAD_BYTES) until cancelled; False as soon as the client hangs up.
+        The caller's scope ends the wait."""
         if conn.scope.deadline != math.inf:  # waiting is not idling: no phase limit applies
             conn.scope.deadline = math.inf
-        with trio.move_on_at(deadline):
-            while len(conn.buffer) <= MAX_HEAD_BYTES:
-                try:
-                    data = await conn.receive()
-                except trio.BrokenResourceError:
-                    return False
-                if not data:
-                    return False
-                conn.buffer += data
-            await trio.sleep_until(deadline)
-        return True
+        while len(conn.buffer) <= MAX_HEAD_BYTES:
+            try:
+                data = await conn.receive()
+            except trio.BrokenResourceError:
+                return False
+            if not data:
+                return False
+            conn.buffer += data
+        await trio.sleep_forever()
 
     async def _park(self, conn: Conn) -> bool:
         """Wait until the fault is cleared, watching the socket; False if the client hung up first.
         Bytes that arrive meanwhile (a pipelined request) are kept, up to MAX_HEAD_BYTES."""
-        if conn.scope.deadline != math.inf:  # waiting is not idling: no phase limit applies
-            conn.scope.deadline = math.inf
         with trio.CancelScope() as parked:
             self._parked.add(parked)
             try:
                 if self.fault is None:
                     return True
-                while len(conn.buffer) <= MAX_HEAD_BYTES:
-                    try:
-                        data = await conn.receive()
-                    except trio.BrokenResourceError:
-                        return False
-                    if not data:
-                        return False
-                    conn.buffer += data
-                await trio.sleep_forever()
+                return await self._watch_forever(conn)
             finally:
                 self._parked.discard(parked)
         return True
