@@ -19,6 +19,7 @@ import socket
 import struct
 from collections.abc import Awaitable, Callable
 
+import pytest
 import trio
 
 from ops.settings import WakeConfig
@@ -268,6 +269,13 @@ class TrioTime:
 
 def use_trio_clock(monkeypatch) -> None:
     monkeypatch.setattr(wake_wait, "time", TrioTime)
+
+
+@pytest.fixture
+def wake_clock(monkeypatch, autojump_clock):
+    """The autojump clock, with wake_wait's hard-cap arithmetic on trio's time (a fixture: conftest.py)."""
+    use_trio_clock(monkeypatch)
+    return autojump_clock
 
 
 def at(seconds: float, fn, *args):

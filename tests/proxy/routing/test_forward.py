@@ -37,14 +37,7 @@ from tests.support.upstream_kit import (
     new_request,
     received,
     reset,
-    use_trio_clock,
 )
-
-
-@pytest.fixture
-def wake_clock(monkeypatch, autojump_clock):
-    use_trio_clock(monkeypatch)
-    return autojump_clock
 
 
 def ok_head(*extra: bytes) -> bytes:

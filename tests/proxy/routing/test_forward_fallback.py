@@ -4,7 +4,6 @@ early SSE head -- never a crash on the missing waker. Fakes and clock as in test
 
 from __future__ import annotations
 
-import pytest
 import trio
 
 from proxy import errors
@@ -20,14 +19,7 @@ from tests.support.upstream_kit import (
     new_gateway,
     new_request,
     received,
-    use_trio_clock,
 )
-
-
-@pytest.fixture
-def wake_clock(monkeypatch, autojump_clock):
-    use_trio_clock(monkeypatch)
-    return autojump_clock
 
 
 def setup(dead: str, *, stream: bool):

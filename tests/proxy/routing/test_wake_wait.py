@@ -27,14 +27,7 @@ from tests.support.upstream_kit import (
     new_gateway,
     new_request,
     received,
-    use_trio_clock,
 )
-
-
-@pytest.fixture
-def wake_clock(monkeypatch, autojump_clock):
-    use_trio_clock(monkeypatch)
-    return autojump_clock
 
 
 def setup(*, fallback: TierConfig | None = None, **waker_kw):
