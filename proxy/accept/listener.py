@@ -73,10 +73,13 @@ class Server:
         async with trio.open_nursery() as connections:
             host, port = self.sock.getsockname()[:2]
             task_status.started((host, port))
-            with self._accept_scope:
-                await self._accept_loop(connections)
-            # Closed here, by the task that accepted on it, never under a pending wait or accept().
-            sockio.close(self.sock, shutdown=False)  # other workers may still accept on it
+            try:
+                with self._accept_scope:
+                    await self._accept_loop(connections)
+            finally:
+                # Closed here, by the task that accepted on it, once no wait or accept() is pending on
+                # it -- after a drain and when cancelled from outside alike.
+                sockio.close(self.sock, shutdown=False)  # other workers may still accept on it
             # Draining: wait for in-flight connections, up to drain_s, then cut them.
             with trio.move_on_after(self.config.drain_s):
                 while self.gw.open_connections > 0:

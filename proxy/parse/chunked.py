@@ -3,7 +3,9 @@
 Strategy: the request reader (request.py, untrusted clients) and the upstream response reader
 (response.py, vLLM) share this one strict decoder: chunk sizes of 1-16 hex digits (<= 2**63),
 then `;ext` (no control bytes but HTAB) or trailing OWS (as h11: no whitespace before `;`), the size
-line <= 1 KiB, CRLF after each chunk's data, trailers validated as field lines, bounded, and dropped.
+line <= 1 KiB, CRLF after each chunk's data, trailers validated as field lines, bounded, and dropped;
+a trailer that would speak of framing (Content-Length, Transfer-Encoding: RFC 9110 6.5.1) is refused --
+h11 refuses the invalid ones, we refuse them all, as no reader may act on them after the body.
 CRLF only: a bare LF or CR is an error. It reads from the caller's bytearray (the bytes after the
 head), slices what it consumes off the front, and resumes line searches where the last call stopped,
 so bytes fed one at a time stay O(n). Errors are `ChunkError(status, message)`: 400, or 431 for
@@ -22,6 +24,8 @@ HEX_SET = frozenset(HEX)
 # Bytes allowed anywhere in a head line (and a chunk extension): HTAB, SP, VCHAR, obs-text.
 FIELD_OK = b"\t" + bytes(range(0x20, 0x7F)) + bytes(range(0x80, 0x100))
 FIELD_LINE = re.compile(rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*")
+
+_FRAMING_TRAILER = re.compile(rb"(?i)(?:content-length|transfer-encoding):")
 
 _SIZE, _DATA, _CRLF, _TRAILERS, _DONE = range(5)
 
@@ -104,6 +108,8 @@ class ChunkedDecoder:
                     break
                 if FIELD_LINE.fullmatch(buf, 0, nl) is None:
                     raise _bad("malformed trailer line")
+                if _FRAMING_TRAILER.match(buf, 0, nl) is not None:
+                    raise _bad("a framing field in the trailers")
                 self._trailer_bytes += nl + 2
                 if self._trailer_bytes >= self.max_trailer_bytes:
                     raise ChunkError(431, "trailers too large")

@@ -387,3 +387,15 @@ async def test_an_unknown_accept_error_still_ends_the_loop(nursery):
             await server.serve()
         await client.aclose()
     assert info.group_contains(OSError, match="Bad file descriptor")
+
+
+async def test_a_server_cancelled_from_outside_closes_its_listening_socket():
+    gw = HoldGateway()
+    sock = bind_socket("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(Server(gw, gw.runtime.config.server, sock).serve)
+            nursery.cancel_scope.cancel()
+    assert sock.fileno() == -1  # closed, not left to the garbage collector
+    assert await connect_errno(port) == errno.ECONNREFUSED
