@@ -102,38 +102,31 @@ async def open_upstream(gw, ex: Exchange, tier, request, body: bytes, watch: Wat
             if record is not None:
                 watch.arm(record, conn.sock)
             try:
-                ex.t_upstream = time.perf_counter()
-                await conn.send_request(head, body)
-                with trio.CancelScope(deadline=trio.current_time() + cfg.first_byte_s) as first_byte:
-                    event = await conn.read_head()
-                if first_byte.cancelled_caught:
-                    raise trio.TooSlowError
+                try:
+                    ex.t_upstream = time.perf_counter()
+                    await conn.send_request(head, body)
+                    with trio.CancelScope(deadline=trio.current_time() + cfg.first_byte_s) as first_byte:
+                        event = await conn.read_head()
+                    if first_byte.cancelled_caught:
+                        raise trio.TooSlowError
+                except BaseException:  # whatever went wrong: this connection and this watch are done
+                    pool.discard(conn)
+                    if record is not None:
+                        watch.disarm()
+                    raise
             except UpstreamClosed:
-                pool.discard(conn)
-                if record is not None:
-                    watch.disarm()
-                    if watch.killed:
-                        raise errors.bad_gateway(tier.name, watch.reason) from None
+                if record is not None and watch.killed:
+                    raise errors.bad_gateway(tier.name, watch.reason) from None
                 if reused:
                     continue  # the server closed an idle keep-alive connection under us
                 saw_reset = True
                 report_unreachable(tier, url)
                 break
             except UpstreamProtocolError as exc:
-                pool.discard(conn)  # it answered, wrongly: never resent, never relayed, not "unreachable"
-                if record is not None:
-                    watch.disarm()
+                # It answered, wrongly: never resent, never relayed, not "unreachable".
                 raise errors.bad_gateway(tier.name, f"invalid response head ({exc})") from None
             except trio.TooSlowError:
-                pool.discard(conn)
-                if record is not None:
-                    watch.disarm()
                 raise errors.upstream_timeout(tier.name, f"no response within {cfg.first_byte_s:g} s") from None
-            except BaseException:
-                pool.discard(conn)
-                if record is not None:
-                    watch.disarm()
-                raise
             if record is not None and not keep:
                 watch.disarm()
             ex.upstream = f"{address[0]}:{address[1]}"

@@ -42,7 +42,7 @@ def read_tap(ex: Exchange, tap) -> None:
         ex.estimated = False
     elif ex.stream and tap.events:
         # Roughly one event per token (plus the opening role chunk): flagged as estimated.
-        prompt = getattr(tap, "prompt_estimate", None)
+        prompt = tap.prompt_estimate
         ex.prompt_tokens = prompt
         ex.completion_tokens = tap.events
         ex.total_tokens = (prompt or 0) + tap.events
