@@ -52,6 +52,14 @@ class ApiError(Exception):
         return f"ApiError({self.status}, {self.type!r}, code={self.code!r}, param={self.param!r})"
 
 
+def sole_exception(exc: BaseException) -> BaseException:
+    """The one exception an exception group wraps (through nested single-leaf groups), else `exc`
+    itself: a nursery wraps what its body raised, and the handler above wants the thing itself."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
 def inband_error(message: str, code: str) -> bytes:
     """A failed stream's last event, after its 200 head: ``data: {"error": {...}}`` (openai-python
     raises APIError on it). relay/inband.py sends it; the crash barrier too."""

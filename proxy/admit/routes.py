@@ -45,13 +45,6 @@ def route(path: bytes):
     return None, b""
 
 
-def _only_api_error(exc: Exception) -> errors.ApiError | None:
-    """The ApiError an exception group wraps when it is its only leaf (raised inside a nursery)."""
-    while isinstance(exc, ExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return exc if isinstance(exc, errors.ApiError) else None
-
-
 async def dispatch(gw, ds: Downstream, request) -> None:
     """Handle one request: send exactly one response (or end the connection)."""
     if request.target[:1] != b"/":
@@ -82,8 +75,8 @@ async def dispatch(gw, ds: Downstream, request) -> None:
         ex.status, ex.error_type = exc.status, "bad_http"
         raise
     except Exception as exc:  # noqa: BLE001 -- the crash barrier: this request ends with 500, the worker carries on
-        err = _only_api_error(exc)
-        if err is None:
+        err = errors.sole_exception(exc)
+        if not isinstance(err, errors.ApiError):
             await contain(gw, ds, exc, "request", ex)
         else:
             ex.fail(err)

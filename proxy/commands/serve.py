@@ -22,6 +22,7 @@ import sys
 
 import trio
 
+from proxy import errors
 from proxy.admit.keys import KeysError
 from proxy.config import Config, ConfigError, embedded_default, load, parse_listen
 from proxy.observe import logs
@@ -141,29 +142,31 @@ def main(argv: list[str]) -> int:
         return 2
     address = listen if config is None else config.server.listen
     try:
-        if config is None or config.server.workers == 1:
-            # Bound before the event loop starts: a busy port is one line, not a nursery's traceback.
-            sock = _bind(address)
+        # Bound before the event loop starts: a busy port is one line, not a nursery's traceback.
+        sock = _bind(address)
+    except OSError as exc:
+        sys.stderr.write(f"spotinference: cannot listen on {address}: {exc.strerror or exc}\n")
+        return 1
+    try:
         if config is None:
             trio.run(_serve_embedded, listen, ttft_ms, tokens_per_s, sock)
         elif config.server.workers > 1:
             from proxy.process.supervisor import run_supervisor
 
-            return run_supervisor(config, args.config)
+            return run_supervisor(config, args.config, sock)
         else:
             from proxy.process.serve import serve_process
 
             trio.run(functools.partial(serve_process, config, args.config, sock=sock))
-    except OSError as exc:
-        sys.stderr.write(f"spotinference: cannot listen on {address}: {exc.strerror or exc}\n")
-        return 1
-    except BaseExceptionGroup as group:
-        only = _only_os_error(group)
-        if only is None:
-            raise
-        sys.stderr.write(f"spotinference: cannot serve: {only.strerror or only}\n")
-        return 1
-    except (ConfigError, KeysError) as exc:
+    except BaseException as exc:  # one line for an OS error, however deep in the nurseries it was raised
+        only = errors.sole_exception(exc)
+        if isinstance(only, OSError):
+            sys.stderr.write(f"spotinference: cannot serve: {only.strerror or only}\n")
+            return 1
+        if isinstance(only, (ConfigError, KeysError)):
+            sys.stderr.write(f"spotinference: {only}\n")
+            return 2
+        raise
         sys.stderr.write(f"spotinference: {exc}\n")
         return 2
     return 0
@@ -174,14 +177,6 @@ def _bind(listen: str):
 
     host, port = parse_listen(listen)
     return bind_socket(host, port)
-
-
-def _only_os_error(group: BaseExceptionGroup) -> OSError | None:
-    """The OSError an exception group holds when it is its only leaf."""
-    exc: BaseException = group
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return exc if isinstance(exc, OSError) else None
 
 
 def check_config_main(argv: list[str]) -> int:

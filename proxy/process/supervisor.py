@@ -44,13 +44,15 @@ def _spawn(index: int, config_path: str, fd: int, workers: int, env: dict,
     )
 
 
-def run_supervisor(config: Config, config_path: str) -> int:
+def run_supervisor(config: Config, config_path: str, sock=None) -> int:
+    """Serve with `config.server.workers` workers on `sock` (bound here from `listen` when None)."""
     from proxy.limits import shared_table
     from proxy.observe.metrics import prepare_multiproc_dir, worker_exited
     from proxy.usage.log import recover_spills
 
-    host, port = parse_listen(config.server.listen)
-    sock = bind_socket(host, port)
+    if sock is None:
+        host, port = parse_listen(config.server.listen)
+        sock = bind_socket(host, port)
     sock.set_inheritable(True)
     host, port = sock.getsockname()[:2]
     n = config.server.workers
