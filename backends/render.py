@@ -5,7 +5,10 @@ Strategy: pure string rendering from `BackendConfig` (no I/O), so every artefact
 content. Flags follow vLLM's CLI (`vllm/engine/arg_utils.py` EngineArgs, `vllm/entrypoints/openai/
 cli_args.py` FrontendArgs): `--tensor-parallel-size`, `--served-model-name` (one or more names: the
 tier's models, which must appear in /v1/models for the waker to call the host ready), `--host`,
-`--port`, `--max-model-len`, `--gpu-memory-utilization`. The API key never appears on a command line,
+`--port`, `--max-model-len`, `--gpu-memory-utilization`, and from `tool_call_parser` /
+`reasoning_parser` `--enable-auto-tool-choice --tool-call-parser NAME` (the first one only while
+`auto_tool_choice` is true; vLLM refuses tool_choice "auto" without both and "required"/named
+choices without a parser) and `--reasoning-parser NAME`; `extra_args` come last. The API key never appears on a command line,
 in a unit or in user data (user data is readable by any process through IMDS): vLLM reads
 `VLLM_API_KEY` from its environment (`args.api_key or envs.VLLM_API_KEY`), which the unit takes from
 `env_file`, provisioned by the operator's secret store. When `api_key_env` names another variable, the
@@ -57,6 +60,12 @@ def vllm_argv(models: list[str], backend: BackendConfig) -> list[str]:
             "--tensor-parallel-size", str(backend.tensor_parallel_size),
             "--max-model-len", str(backend.max_model_len),
             "--gpu-memory-utilization", f"{backend.gpu_memory_utilization:g}"]
+    if backend.tool_call_parser is not None:
+        if backend.auto_tool_choice:
+            argv.append("--enable-auto-tool-choice")
+        argv += ["--tool-call-parser", backend.tool_call_parser]
+    if backend.reasoning_parser is not None:
+        argv += ["--reasoning-parser", backend.reasoning_parser]
     return argv + list(backend.extra_args)
 
 
@@ -88,7 +97,8 @@ def systemd_unit(tier: str, models: list[str], backend: BackendConfig) -> str:
         f"User={backend.user}",
         f"Group={backend.user}",
         f"EnvironmentFile=-{backend.env_file}",
-        f"Environment=HOME={state} HF_HOME={state}/huggingface XDG_CACHE_HOME={state}/cache",
+        f"Environment=HOME={state} HF_HOME={state}/huggingface XDG_CACHE_HOME={state}/cache"
+        + (" VLLM_ENABLE_RESPONSES_API_STORE=1" if backend.responses_store else ""),
         f"StateDirectory={backend.user}",
     ]
     if backend.api_key_env and backend.api_key_env != "VLLM_API_KEY":

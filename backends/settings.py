@@ -14,6 +14,7 @@ import re
 import msgspec
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+_PARSER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\Z")  # vLLM's parser names: hermes, llama3_json, qwen3
 
 
 class BackendConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -29,6 +30,16 @@ class BackendConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     # Name of an environment variable on the GPU host (from `env_file`) holding vLLM's API key; it is
     # handed to vLLM as VLLM_API_KEY, never written on a command line or into user data.
     api_key_env: str | None = None
+    # Tool calling: `--tool-call-parser NAME` (vLLM refuses "required"/named tool choices without one)
+    # and, while `auto_tool_choice` stays true, `--enable-auto-tool-choice` with it (vLLM refuses
+    # tool_choice "auto" -- the default of any request with tools -- without both). None: neither flag.
+    tool_call_parser: str | None = None
+    auto_tool_choice: bool = True
+    reasoning_parser: str | None = None  # `--reasoning-parser NAME`
+    # The Responses API's store (`store: true`, GET /v1/responses/{id}, previous_response_id): vLLM keeps
+    # responses only with VLLM_ENABLE_RESPONSES_API_STORE=1 in its environment (the gateway routes a
+    # retrieve to the host that made it). Off: vLLM's own default, nothing kept.
+    responses_store: bool = True
     extra_args: list[str] = msgspec.field(default_factory=list)
     host: str = "0.0.0.0"
     vllm_version: str | None = None  # pip pin for the cloud-init install; None = latest
@@ -50,6 +61,9 @@ class BackendConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
             raise ValueError(f"gpu_memory_utilization must be within (0, 1], got {self.gpu_memory_utilization}")
         if self.api_key_env is not None and not _ENV_NAME.match(self.api_key_env):
             raise ValueError(f"api_key_env must be an environment variable name, got {self.api_key_env!r}")
+        for field, name in (("tool_call_parser", self.tool_call_parser), ("reasoning_parser", self.reasoning_parser)):
+            if name is not None and not _PARSER_NAME.match(name):
+                raise ValueError(f"{field} must be a parser name such as 'hermes', got {name!r}")
         if not _ENV_NAME.match(self.user):
             raise ValueError(f"user must be a plain account name, got {self.user!r}")
         if self.agent_poll_s < 1:

@@ -50,6 +50,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--reply", default=None, help="fixed reply text instead of synthetic words")
     p.add_argument("--break-tool-json", action="store_true",
                    help="emit syntactically broken tool-call arguments")
+    p.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help='accept tool_choice "auto" (vLLM refuses it without this and --tool-call-parser)')
+    p.add_argument("--tool-call-parser", default=None, metavar="NAME",
+                   help='tool-call parser name (needed for "required" and named tool choices)')
+    p.add_argument("--reasoning-parser", default=None, metavar="NAME",
+                   help="reasoning parser name (accepted; no reasoning is simulated)")
+    p.add_argument("--disable-responses-store", action="store_true",
+                   help="run as vLLM without VLLM_ENABLE_RESPONSES_API_STORE: store is ignored")
     p.add_argument("--log-level", default="WARNING", help="logging level on stderr")
     return p
 
@@ -63,7 +71,9 @@ def options_from(args: argparse.Namespace) -> SimOptions:
         tokens_per_s=args.tokens_per_s, ttft_ms=args.ttft_ms, latency_ms=args.latency_ms,
         max_model_len=args.max_model_len, default_max_tokens=args.default_max_tokens,
         api_key=args.api_key, reply=args.reply, break_tool_json=args.break_tool_json,
-        embedding_dim=args.embedding_dim)
+        embedding_dim=args.embedding_dim, enable_auto_tool_choice=args.enable_auto_tool_choice,
+        tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser,
+        enable_responses_store=not args.disable_responses_store)
 
 
 async def _run(server: SimServer, host: str, port: int) -> None:
@@ -89,6 +99,9 @@ def main(argv: list[str]) -> int:
         if value < 0:
             sys.stderr.write(f"spotinference sim: {name} must be >= 0\n")
             return 2
+    if args.enable_auto_tool_choice and not args.tool_call_parser:  # vLLM's validate_parsed_serve_args
+        sys.stderr.write("spotinference sim: Error: --enable-auto-tool-choice requires --tool-call-parser\n")
+        return 2
     host, port = args.listen
     # A standalone simulator allocates many short-lived objects per request; like `vllm serve`
     # (freeze_gc_heap) keep start-up objects out of collections, and collect young objects less often.

@@ -18,11 +18,13 @@ Token rules (deterministic, so tests and usage accounting can predict them):
   derived from the last user message: endless when the request set a limit, `default_max_tokens`
   long otherwise. Emitted = min(natural, limit); finish_reason "stop" when the natural answer fits,
   "length" when cut. An auto/required tool call spends one more token (streamed: the name delta).
-- tools: a named tool_choice calls that function (finish "stop", as vLLM); "required" calls the first
-  tool; "auto" (the default when tools are given) calls the first tool unless the last message is a
-  tool result, then it answers in text -- one agent-loop turn, deterministically. Arguments are a
-  minimal instance of the function's parameters schema (`instance`); with `break_tool_json` they
-  lose their closing brace and gain a stray comma.
+- tools: as vLLM, "auto" (the default when tools are given) is refused with 400 unless the server
+  runs with `enable_auto_tool_choice` (`--enable-auto-tool-choice --tool-call-parser NAME`), and
+  "required"/named choices unless a tool parser is set. Then a named tool_choice calls that function
+  (finish "stop", as vLLM); "required" calls the first tool; "auto" calls the first tool unless the
+  last message is a tool result, then it answers in text -- one agent-loop turn, deterministically.
+  Arguments are a minimal instance of the function's parameters schema (`instance`); with
+  `break_tool_json` they lose their closing brace and gain a stray comma.
 - n > 1: n choices; synthetic texts differ per choice index.
 Not simulated: logprobs (always null), echo, stop strings, beam search, reasoning output.
 """
@@ -145,12 +147,34 @@ def _tokens(n: int) -> int:
     return (n + 3) // 4
 
 
+def text_tokens(text: str) -> int:
+    """ceil(chars / 4): the simulated tokenizer's length of a text."""
+    return _tokens(len(text))
+
+
+def chat_prompt_tokens(messages: list[dict[str, Any]], tools_json_chars: int = 0) -> int:
+    """The chat prompt rule: 3 + sum over messages of (4 + ceil(chars/4)) + ceil(tools JSON chars/4)."""
+    prompt = 3
+    for m in messages:
+        chars = len(_text_of(m.get("content")))
+        for call in m.get("tool_calls") or ():
+            fn = call.get("function") or {} if isinstance(call, dict) else {}
+            chars += len(fn.get("name") or "") + len(fn.get("arguments") or "")
+        prompt += 4 + _tokens(chars)
+    return prompt + _tokens(tools_json_chars)
+
+
 def _text_of(content: Any) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
         return "".join(p.get("text") or "" for p in content if isinstance(p, dict))
     return ""
+
+
+def text_of(content: Any) -> str:
+    """The text the prompt rule counts: a string, or the "text" of each part of a list."""
+    return _text_of(content)
 
 
 def _chop(text: str) -> list[str]:
@@ -173,8 +197,9 @@ class Planner:
         self.embedding_models = options.embedding_models
         self._reply = _WORD_RE.findall(options.reply) if options.reply is not None else None
 
-    def chat(self, body: bytes, request_id: str | None = None) -> Plan:
-        """POST /v1/chat/completions -> Plan (raises SimError)."""
+    def chat(self, body: bytes, request_id: str | None = None, *, capped: bool = False) -> Plan:
+        """POST /v1/chat/completions -> Plan (raises SimError). `capped`: the limit is a mandatory cap
+        (Anthropic's max_tokens), so the synthetic answer keeps its natural length below it."""
         req: _ChatRequest = _decode(_chat_dec, body, "messages")
         if req.stream_options is not None and not req.stream:
             raise invalid_body("Value error, Stream options can only be defined when `stream=True`.",
@@ -185,17 +210,11 @@ class Planner:
                                param="top_logprobs")
         choice = _tool_choice(req)
         model = self._model(req.model, "Chat Completions")
-        prompt = 3
+        self.check_tool_parser(choice)
         for m in req.messages:
             if not isinstance(m.get("role"), str):
                 raise invalid_body("Field required", ("body", "messages", "role"), "missing")
-            chars = len(_text_of(m.get("content")))
-            for call in m.get("tool_calls") or ():
-                fn = call.get("function") or {} if isinstance(call, dict) else {}
-                chars += len(fn.get("name") or "") + len(fn.get("arguments") or "")
-            prompt += 4 + _tokens(chars)
-        if req.tools:
-            prompt += _tokens(len(_raw_dec.decode(body)["tools"]))
+        prompt = chat_prompt_tokens(req.messages, len(_raw_dec.decode(body)["tools"]) if req.tools else 0)
         field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         limit = self._limit(prompt, req.max_completion_tokens or req.max_tokens, field)
         n = self._n(req.n)
@@ -212,7 +231,7 @@ class Planner:
         structured = _structured(req.response_format)
         seed = zlib.crc32(next((_text_of(m.get("content")) for m in reversed(req.messages)
                                 if m.get("role") == "user"), "").encode())
-        explicit = req.max_completion_tokens is not None or req.max_tokens is not None
+        explicit = (req.max_completion_tokens is not None or req.max_tokens is not None) and not capped
         for i in range(n):
             c = Choice(i, [], prompt)
             if tool is not None:
@@ -282,6 +301,38 @@ class Planner:
 
     # -- shared rules ----------------------------------------------------------------------------
 
+    def check_tool_parser(self, choice: object) -> None:
+        """vLLM's chat `render_chat_request` gate: "auto" needs --enable-auto-tool-choice (and a parser),
+        "required" and named choices need --tool-call-parser. `choice` is the validated tool_choice."""
+        if choice == "none":
+            return
+        if choice == "auto":
+            if not self.options.enable_auto_tool_choice:
+                raise bad_request('"auto" tool choice requires --enable-auto-tool-choice and '
+                                  "--tool-call-parser to be set")
+            return
+        if self.options.tool_parser is None:
+            shown = (f'function "{choice.function.name}"' if isinstance(choice, _NamedChoice)
+                     else f'"{choice}"')
+            raise bad_request(f"tool_choice={shown} requires --tool-call-parser to be set")
+
+    def model(self, name: str | None, api: str) -> str:
+        """The served chat model a request names (vLLM's `_check_model`), or SimError."""
+        return self._model(name, api)
+
+    def text_choice(self, seed_text: str, prompt: int, limit: int, explicit: bool, index: int = 0) -> Choice:
+        """One plain-text choice by the documented rules (synthetic words or `reply`), cut at `limit`."""
+        c = Choice(index, [], prompt)
+        self._fill(c, self._natural(None, zlib.crc32(seed_text.encode()) + 7919 * index, explicit, limit),
+                   limit, "stop")
+        return c
+
+    def words(self, seed: int, count: int) -> list[str]:
+        """`count` synthetic words from `seed` (one token each), or the fixed `reply` when set."""
+        if self._reply is not None:
+            return self._reply or [""]
+        return _words(seed, count)
+
     def _model(self, name: str | None, api: str) -> str:
         model = name or (self.chat_models[0] if self.chat_models else "")
         if model in self.chat_models:
@@ -289,6 +340,10 @@ class Planner:
         if model in self.embedding_models:
             raise bad_request(f"The model does not support {api} API")
         raise error(404, f"The model `{model}` does not exist.", "NotFoundError", "model")
+
+    def too_long(self, prompt: int, out: int) -> SimError:
+        """The renderer's context-length error for `prompt` input and `out` output tokens."""
+        return self._too_long(prompt, out)
 
     def _too_long(self, prompt: int, out: int) -> SimError:
         total = self.options.max_model_len
@@ -378,6 +433,11 @@ def _prompts(raw: Any) -> list[tuple[str, int]]:
     if isinstance(raw[0], int):
         return [(str(raw), len(raw))]
     return [(str(ids), len(ids)) for ids in raw if ids]
+
+
+def vector(seed: int, dim: int) -> list[float]:
+    """The unit vector /v1/embeddings returns for a text whose CRC-32 is `seed`."""
+    return _vector(seed, dim)
 
 
 def _vector(seed: int, dim: int) -> list[float]:

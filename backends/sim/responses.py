@@ -32,8 +32,8 @@ import math
 import random
 import struct
 import time
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterable, Iterator
+from typing import Any, Protocol
 
 import msgspec
 
@@ -41,6 +41,13 @@ VLLM_VERSION = "0.17.0"  # the vLLM release whose wire shapes this simulator cop
 
 _enc = msgspec.json.Encoder()
 _DONE = b"data: [DONE]\n\n"
+# vLLM's GenerationError ("finish_reason error", engine/serving.py): the non-streaming body
+# (JSONResponse of ErrorResponse.model_dump()) and the in-band stream event
+# (`create_streaming_error_response` is json.dumps with default separators, then "data: [DONE]").
+GENERATION_ERROR = {"message": "Internal server error", "type": "InternalServerError", "param": None, "code": 500}
+GENERATION_ERROR_BODY = _enc.encode({"error": GENERATION_ERROR})
+INBAND_ERROR = (b'data: {"error": {"message": "Internal server error", "type": "InternalServerError", '
+                b'"param": null, "code": 500}}\n\n' + _DONE)
 
 
 class SimOptions(msgspec.Struct, frozen=True, kw_only=True):
@@ -57,6 +64,21 @@ class SimOptions(msgspec.Struct, frozen=True, kw_only=True):
     reply: str | None = None
     break_tool_json: bool = False
     embedding_dim: int = 8
+    # vLLM's tool flags (`--enable-auto-tool-choice`, `--tool-call-parser NAME`), off by default as in
+    # vLLM: without them chat/anthropic requests with tool_choice "auto" (the default when tools are
+    # given) are refused, and "required"/named choices need a parser. `enable_auto_tool_choice` alone
+    # implies a parser ("hermes") here; the CLI insists on both, as `vllm serve` does.
+    enable_auto_tool_choice: bool = False
+    tool_call_parser: str | None = None
+    reasoning_parser: str | None = None  # accepted (`--reasoning-parser`); no reasoning is simulated
+    # VLLM_ENABLE_RESPONSES_API_STORE=1: on here, since routing retrievals to the creating host is what
+    # the simulator must let a gateway prove; off -> `store` is silently ignored, as vLLM's default.
+    enable_responses_store: bool = True
+
+    @property
+    def tool_parser(self) -> str | None:
+        """The tool-call parser in effect (None: tool parsing unavailable)."""
+        return self.tool_call_parser or ("hermes" if self.enable_auto_tool_choice else None)
 
 
 class SimError(Exception):
@@ -83,6 +105,29 @@ def invalid_body(msg: str, loc: tuple[Any, ...] = ("body",), etype: str = "value
     """FastAPI RequestValidationError as vLLM's handler renders it (type is the status phrase)."""
     detail = {"type": etype, "loc": loc, "msg": msg}
     return error(400, f"1 validation error:\n  {detail!r}", "Bad Request", param)
+
+
+class Generation(Protocol):
+    """What the server drives for any generating API (chat/completions `Plan`, and the Responses,
+    Messages and audio plans): who is booked, how much, and the bytes of the answer."""
+
+    model: str
+    prompt_tokens: int
+    stream: bool
+
+    @property
+    def completion_tokens(self) -> int: ...
+    @property
+    def max_steps(self) -> int: ...
+    @property
+    def finish(self) -> str: ...
+    @property
+    def overhead(self) -> int: ...
+    def streamed_tokens(self, events: int) -> int: ...
+    def inband_error(self) -> bytes | None: ...
+    def error_body(self) -> tuple[int, bytes]: ...
+    def body(self) -> bytes: ...
+    def events(self) -> Iterable[tuple[int, bytes]]: ...
 
 
 class Choice:
@@ -143,6 +188,32 @@ class Plan:
     @property
     def completion_tokens(self) -> int:
         return sum(c.tokens for c in self.choices)
+
+    # -- what the server needs of any generation (chat, completions, responses, messages, audio) ------
+
+    @property
+    def finish(self) -> str:
+        """The outcome booked for the request: "stop", "length" or "tool_calls"."""
+        return self.choices[0].finish
+
+    @property
+    def overhead(self) -> int:
+        """SSE events before the first token event (the role chunks of a chat stream)."""
+        return len(self.choices) if self.kind == "chat" else 0
+
+    def streamed_tokens(self, events: int) -> int:
+        """Tokens that reached the wire when `events` SSE events had been written."""
+        if not self.stream:
+            return 0
+        return max(0, min(self.completion_tokens, events - self.overhead))
+
+    def inband_error(self) -> bytes | None:
+        """What a stream sends when generation fails mid-way (None: the connection is cut)."""
+        return INBAND_ERROR
+
+    def error_body(self) -> tuple[int, bytes]:
+        """A failed non-streaming generation: status and body."""
+        return 500, GENERATION_ERROR_BODY
 
     @property
     def max_steps(self) -> int:

@@ -1,5 +1,13 @@
 """The simulated vLLM OpenAI server: routes, generation timing and the books.
 
+Routes are vLLM's: /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/responses (+ GET
+/v1/responses/{id}, POST /v1/responses/{id}/cancel), /v1/messages (+ /count_tokens),
+/v1/audio/transcriptions and /translations, /score, /v1/score, /rerank, /v1/rerank, /v2/rerank,
+/pooling, /classify, /tokenize, /detokenize, /v1/models, /health, /version, /metrics. Every
+generating route hands `_generate` a plan with one surface (`responses.Plan`, or the plans of
+`responses_api`, `messages`, `audio`); pooling routes go through `_pool`; tokenize, detokenize and
+count_tokens are answered by the API server alone and book nothing.
+
 Strategy: one task per connection, one request/response cycle per loop turn; HTTP framing, socket
 I/O and the bounds on idle/slow/huge input live in `wire`. What to answer is decided in
 `planning`/`responses`; this module only decides *when* bytes go out and keeps the counters.
@@ -22,10 +30,17 @@ Rules:
   collective, a host whose network half died); "stall" keeps /health at 200 while generations stop
   progressing and /metrics shows them running with `vllm:generation_tokens_total` frozen. Parked
   requests watch their sockets (a client that hangs up aborts its generation, as ever); clearing the
-  fault lets them carry on.
+  fault lets them carry on. "inband_error" keeps the host healthy and fails generations in the engine:
+  a stream writes `INBAND_TOKENS` tokens (fewer for a shorter answer) and then the API's in-band
+  error (chat, completions, audio: vLLM's `data: {"error": ...}` + `data: [DONE]`, ending the response
+  cleanly; Messages: an `error` event; Responses: vLLM cannot render it, so the stream is cut), a
+  non-streaming answer is vLLM's 500 "Internal server error"; both count as finished_reason "error".
+  Pooling and tokenizer routes answer as ever.
 - `vllm:generation_tokens_total` moves while generations run (streams by the tokens written,
   non-streaming answers by their decode schedule), as vLLM's does per engine step, so a long healthy
   generation never looks stalled.
+- Background Responses (`background: true`) run in a nursery of `serve`, with the engine's timeline
+  and books but no socket; `cancel` cancels that task.
 - Probes (`User-Agent: spotinference-probe`, backends/probe.py) to /health and /metrics are answered
   but not recorded in `requests`, `responses` or `requests_total`: they are the gateway's background
   traffic, not a test's.
@@ -38,22 +53,26 @@ import functools
 import hmac
 import logging
 import math
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from typing import NamedTuple
 
 import msgspec
 import trio
 
+from backends.sim import audio, messages, responses_api
 from backends.sim.planning import Planner
+from backends.sim.pooling import Pooler
 from backends.sim.responses import (
     VLLM_VERSION,
-    Plan,
+    Generation,
     SimError,
     SimOptions,
     embeddings_body,
     error,
     models_body,
 )
+from backends.sim.responses_api import ResponsesPlan, ResponseStore, Stored
 from backends.sim.wire import JSON, MAX_HEAD_BYTES, Conn, Refused, Request, read_request, sse_head
 
 log = logging.getLogger(__name__)
@@ -62,8 +81,10 @@ STREAM_BATCH = 32  # unpaced SSE events per write
 RECORDED = 200  # entries kept in `requests` / `responses`
 RECORDED_BODY_BYTES = 4 * 1024 * 1024  # a longer answer is recorded as its first 4 MiB
 
-_ENGINE_REASON = {"stop": "stop", "tool_calls": "stop", "length": "length", "abort": "abort"}
-FAULTS = ("black_hole", "stall")
+_ENGINE_REASON = {"stop": "stop", "tool_calls": "stop", "length": "length", "abort": "abort", "error": "error"}
+FAULTS = ("black_hole", "stall", "inband_error")
+_PARKING = ("black_hole", "stall")  # faults that hold requests until cleared
+INBAND_TOKENS = 3  # tokens an "inband_error" stream writes before its error event
 FAULT_PATH = b"/_sim/fault"
 PROBE_AGENT = b"spotinference-probe"  # backends.probe.USER_AGENT
 
@@ -87,6 +108,7 @@ class SimStatistics(msgspec.Struct, frozen=True, kw_only=True):
     finished_stop: int
     finished_length: int
     finished_tool_calls: int
+    finished_error: int  # generations that failed in the engine (the "inband_error" fault)
     errors_total: int  # 4xx answers
     prompt_tokens_total: int
     generation_tokens_total: int
@@ -117,8 +139,8 @@ class SimServer:
     """A simulated vLLM OpenAI-compatible server (see the module docstring).
 
     Mutable knobs, read on every request: `healthy` (False -> /health answers 503, as vLLM with a
-    dead engine; the API keeps serving), `fault` (set with `set_fault`: None, "black_hole" or
-    "stall", see the module docstring) and `die_after_events` (a stream started while it is set is
+    dead engine; the API keeps serving), `fault` (set with `set_fault`: None, "black_hole", "stall"
+    or "inband_error", see the module docstring) and `die_after_events` (a stream started while it is set is
     closed abruptly after that many SSE events -- role, token, usage and [DONE] chunks all count --
     without the terminating chunk). `requests` records every parsed request on arrival;
     `responses` records every answer body (de-chunked, exactly as sent, partial when cut) when the
@@ -136,14 +158,31 @@ class SimServer:
         self.requests: collections.deque[RecordedRequest] = collections.deque(maxlen=RECORDED)
         self.responses: collections.deque[bytes] = collections.deque(maxlen=RECORDED)
         self._planner = Planner(options)
+        self._pooler = Pooler(self._planner)
+        self.response_store = ResponseStore()  # POST /v1/responses with store; LRU, this server only
+        self._background: trio.Nursery | None = None  # background Responses generations
         self._models = {name: _Model() for name in (*options.models, *options.embedding_models)}
         self._auth = b"Bearer " + options.api_key.encode() if options.api_key is not None else None
         self._totals = {"requests": 0, "finished": 0, "cancelled": 0, "errors": 0, "connections": 0,
-                        "stop": 0, "length": 0, "tool_calls": 0}
+                        "stop": 0, "length": 0, "tool_calls": 0, "error": 0}
         self._routes: dict[bytes, tuple[bytes, Callable[[Conn, Request], Awaitable[bool]]]] = {
             b"/v1/chat/completions": (b"POST", self._chat),
             b"/v1/completions": (b"POST", self._completion),
             b"/v1/embeddings": (b"POST", self._embeddings),
+            b"/v1/responses": (b"POST", self._responses),
+            b"/v1/messages": (b"POST", self._messages),
+            b"/v1/messages/count_tokens": (b"POST", self._count_tokens),
+            b"/v1/audio/transcriptions": (b"POST", self._transcriptions),
+            b"/v1/audio/translations": (b"POST", self._translations),
+            b"/score": (b"POST", self._score),
+            b"/v1/score": (b"POST", self._score),
+            b"/rerank": (b"POST", self._rerank),
+            b"/v1/rerank": (b"POST", self._rerank),
+            b"/v2/rerank": (b"POST", self._rerank),
+            b"/pooling": (b"POST", self._pooling),
+            b"/classify": (b"POST", self._classify),
+            b"/tokenize": (b"POST", self._tokenize),
+            b"/detokenize": (b"POST", self._detokenize),
             b"/v1/models": (b"GET", self._list_models),
             b"/health": (b"GET", self._health),
             b"/version": (b"GET", self._version),
@@ -161,11 +200,14 @@ class SimServer:
             listeners = listeners[:1]
         bound = listeners[0].socket.getsockname()[1]
         log.info("simulated vLLM serving %s on %s:%d", ",".join(self.options.models), host, bound)
-        task_status.started((host, bound))
-        await trio.serve_listeners(self._connection, listeners)
+        async with trio.open_nursery() as background:
+            self._background = background
+            task_status.started((host, bound))
+            await trio.serve_listeners(self._connection, listeners)
 
     def set_fault(self, mode: str | None) -> None:
-        """Make the host sick ("black_hole", "stall") or well again (None); see the module docstring."""
+        """Make the host sick ("black_hole", "stall", "inband_error") or well again (None); see the module
+        docstring."""
         if mode is not None and mode not in FAULTS:
             raise ValueError(f"unknown fault {mode!r}; expected one of {FAULTS} or None")
         if mode == self.fault:
@@ -175,7 +217,7 @@ class SimServer:
             self._frozen = {name: m.generated(now) for name, m in self._models.items()}
         self.fault = mode
         log.warning("simulated vLLM: fault %s", mode or "cleared")
-        if mode is None:
+        if mode not in _PARKING:
             self._frozen = {}
             parked, self._parked = self._parked, set()
             for scope in parked:
@@ -192,7 +234,8 @@ class SimServer:
         return SimStatistics(
             requests_total=t["requests"], running=sum(m.running for m in self._models.values()),
             finished_total=t["finished"], cancelled_total=t["cancelled"], finished_stop=t["stop"],
-            finished_length=t["length"], finished_tool_calls=t["tool_calls"], errors_total=t["errors"],
+            finished_length=t["length"], finished_tool_calls=t["tool_calls"], finished_error=t["error"],
+            errors_total=t["errors"],
             prompt_tokens_total=sum(m.prompt for m in self._models.values()),
             generation_tokens_total=sum(self._generation_tokens(n, m, now) for n, m in self._models.items()),
             open_connections=t["connections"])
@@ -239,6 +282,8 @@ class SimServer:
             return await self._error(conn, request, 401, b'{"error":"Unauthorized"}')
         route = self._routes.get(request.path)
         if route is None:
+            route = self._stored_route(request.path)
+        if route is None:
             return await self._error(conn, request, 404, b'{"detail":"Not Found"}')
         method, handler = route
         if request.method != method:
@@ -246,19 +291,55 @@ class SimServer:
                                      b"allow: %s\r\n" % method)
         return await handler(conn, request)
 
+    def _stored_route(self, path: bytes) -> tuple[bytes, Callable[[Conn, Request], Awaitable[bool]]] | None:
+        """GET /v1/responses/{id} and POST /v1/responses/{id}/cancel (FastAPI path parameters)."""
+        prefix = b"/v1/responses/"
+        if not path.startswith(prefix):
+            return None
+        parts = path[len(prefix):].split(b"/")
+        rid = urllib.parse.unquote(parts[0].decode("latin-1"))
+        if not rid:
+            return None
+        if len(parts) == 1:
+            return b"GET", functools.partial(self._retrieve, rid=rid)
+        if len(parts) == 2 and parts[1] == b"cancel":
+            return b"POST", functools.partial(self._cancel, rid=rid)
+        return None
+
     # -- routes ------------------------------------------------------------------------------------
 
     async def _chat(self, conn: Conn, request: Request) -> bool:
-        return await self._generate(conn, request, self._planner.chat)
+        return await self._generate(conn, request, lambda r: self._planner.chat(r.body, _request_id(r)))
 
     async def _completion(self, conn: Conn, request: Request) -> bool:
-        return await self._generate(conn, request, self._planner.completion)
+        return await self._generate(conn, request, lambda r: self._planner.completion(r.body, _request_id(r)))
 
     async def _embeddings(self, conn: Conn, request: Request) -> bool:
+        def compute(body: bytes, _rid: str | None) -> tuple[str, int, bytes]:
+            model, vectors, prompt, b64 = self._planner.embeddings(body)
+            return model, prompt, embeddings_body(model, vectors, prompt, b64)
+        return await self._pool(conn, request, compute)
+
+    async def _score(self, conn: Conn, request: Request) -> bool:
+        return await self._pool(conn, request, self._pooler.score)
+
+    async def _rerank(self, conn: Conn, request: Request) -> bool:
+        return await self._pool(conn, request, self._pooler.rerank)
+
+    async def _pooling(self, conn: Conn, request: Request) -> bool:
+        return await self._pool(conn, request, self._pooler.pooling)
+
+    async def _classify(self, conn: Conn, request: Request) -> bool:
+        return await self._pool(conn, request, self._pooler.classify)
+
+    async def _pool(self, conn: Conn, request: Request,
+                    compute: Callable[[bytes, str | None], tuple[str, int, bytes]]) -> bool:
+        """A pooling request (embeddings, score, rerank, pooling, classify): one engine request that
+        prefills its prompt and generates nothing, answered after `latency_ms`."""
         t0 = trio.current_time()
         try:
             _json_only(request)
-            model, vectors, prompt, b64 = self._planner.embeddings(request.body)
+            model, prompt, body = compute(request.body, _request_id(request))
         except SimError as exc:
             return await self._error(conn, request, exc.status, exc.body)
         counters = self._models[model]
@@ -269,15 +350,120 @@ class SimServer:
             if self.options.latency_ms > 0 and not await self._sleep_watching(
                     conn, t0 + self.options.latency_ms / 1000):
                 return False
-            if self.fault is not None and not await self._park(conn):
+            if self.fault in _PARKING and not await self._park(conn):
                 return False
-            body = embeddings_body(model, vectors, prompt, b64)
             self.responses.append(body)
             await conn.respond(200, body, request.keep_alive)
             outcome = "stop"
             return request.keep_alive
         finally:
             self._finish(counters, outcome, 0)
+
+    async def _tokenize(self, conn: Conn, request: Request) -> bool:
+        return await self._answer(conn, request, self._pooler.tokenize)
+
+    async def _detokenize(self, conn: Conn, request: Request) -> bool:
+        return await self._answer(conn, request, self._pooler.detokenize)
+
+    async def _count_tokens(self, conn: Conn, request: Request) -> bool:
+        return await self._answer(conn, request, lambda body: messages.count_tokens(self._planner, body))
+
+    async def _answer(self, conn: Conn, request: Request, compute: Callable[[bytes], bytes]) -> bool:
+        """A JSON request answered by the API server alone (no engine request, nothing booked)."""
+        try:
+            _json_only(request)
+            body = compute(request.body)
+        except SimError as exc:
+            return await self._error(conn, request, exc.status, exc.body)
+        return await self._ok(conn, request, body)
+
+    async def _messages(self, conn: Conn, request: Request) -> bool:
+        return await self._generate(conn, request, lambda r: messages.plan(self._planner, r.body, _request_id(r)))
+
+    async def _transcriptions(self, conn: Conn, request: Request) -> bool:
+        return await self._speech(conn, request, "transcribe")
+
+    async def _translations(self, conn: Conn, request: Request) -> bool:
+        return await self._speech(conn, request, "translate")
+
+    async def _speech(self, conn: Conn, request: Request, task: str) -> bool:
+        def plan_for(r: Request) -> audio.AudioPlan:
+            return audio.plan(self._planner, task, r.fields.get(b"content-type", b""), r.body, _request_id(r))
+        return await self._generate(conn, request, plan_for, json_only=False)
+
+    async def _responses(self, conn: Conn, request: Request) -> bool:
+        try:
+            _json_only(request)
+            plan = responses_api.plan(self._planner, self.response_store, request.body)
+        except SimError as exc:
+            return await self._error(conn, request, exc.status, exc.body)
+        if plan.request.background and plan.store is not None and not plan.stream \
+                and self._background is not None:
+            stored = plan.queued()
+            self._background.start_soon(self._run_background, plan, stored)
+            return await self._ok(conn, request, stored.body())
+        return await self._generate(conn, request, lambda _r: plan)
+
+    async def _run_background(self, plan: ResponsesPlan, stored: Stored) -> None:
+        """A background Responses generation: the engine's timeline with nobody waiting on a socket;
+        the finished response replaces the queued one in the store (unless it was cancelled)."""
+        o = self.options
+        t0 = trio.current_time()
+        counters = self._models[plan.model]
+        counters.running += 1
+        counters.prompt += plan.prompt_tokens
+        first = t0 + o.ttft_ms / 1000
+        live = functools.partial(_live_scheduled, plan.completion_tokens, first, o.tokens_per_s)
+        counters.live.add(live)
+        outcome = "abort"
+        with trio.CancelScope() as scope:
+            stored.task = scope
+            try:
+                ready = first + o.latency_ms / 1000
+                if o.tokens_per_s > 0:
+                    ready += max(plan.max_steps - 1, 0) / o.tokens_per_s
+                await trio.sleep_until(ready)
+                while self.fault in _PARKING:
+                    with trio.CancelScope() as parked:
+                        self._parked.add(parked)
+                        try:
+                            await trio.sleep_forever()
+                        finally:
+                            self._parked.discard(parked)
+                if self.fault == "inband_error":
+                    stored.response["status"] = "failed"
+                    outcome = "error"
+                else:
+                    plan.final()
+                    outcome = plan.finish
+            finally:
+                stored.task = None
+                counters.live.discard(live)
+                tokens = plan.completion_tokens if outcome not in ("abort", "error") else \
+                    (live(trio.current_time()) if outcome == "abort" else 0)
+                self._finish(counters, outcome, tokens)
+
+    async def _retrieve(self, conn: Conn, request: Request, rid: str) -> bool:
+        item = self.response_store.get(rid) if self.options.enable_responses_store else None
+        if item is None:
+            exc = responses_api.not_found(rid)
+            return await self._error(conn, request, exc.status, exc.body)
+        return await self._ok(conn, request, item.body())
+
+    async def _cancel(self, conn: Conn, request: Request, rid: str) -> bool:
+        item = self.response_store.get(rid) if self.options.enable_responses_store else None
+        exc: SimError | None = None
+        if item is None:
+            exc = responses_api.not_found(rid)
+        elif item.response.get("status") not in ("queued", "in_progress"):
+            exc = responses_api.cancel_refused()
+        if exc is not None:
+            return await self._error(conn, request, exc.status, exc.body)
+        assert item is not None
+        item.response["status"] = "cancelled"
+        if item.task is not None:
+            item.task.cancel()
+        return await self._ok(conn, request, item.body())
 
     async def _list_models(self, conn: Conn, request: Request) -> bool:
         names = (*self.options.models, *self.options.embedding_models)
@@ -340,12 +526,15 @@ class SimServer:
 
     # -- generation ----------------------------------------------------------------------------------
 
-    async def _generate(self, conn: Conn, request: Request, plan_for: Callable[..., Plan]) -> bool:
+    async def _generate(self, conn: Conn, request: Request, plan_for: Callable[[Request], Generation], *,
+                        json_only: bool = True) -> bool:
+        """One generation of any API: `plan_for` turns the request into a plan (chat/completions `Plan`, or
+        a Responses/Messages/audio plan with the same surface) or raises SimError."""
         t0 = trio.current_time()
         try:
-            _json_only(request)
-            rid = request.fields.get(b"x-request-id")
-            plan = plan_for(request.body, rid.decode("latin-1") if rid else None)
+            if json_only:
+                _json_only(request)
+            plan = plan_for(request)
         except SimError as exc:
             return await self._error(conn, request, exc.status, exc.body)
         counters = self._models[plan.model]
@@ -361,29 +550,40 @@ class SimServer:
         counters.live.add(live)
         try:
             if plan.stream:
-                if await self._stream(conn, plan, t0, sent):
-                    outcome = plan.choices[0].finish
+                ended = await self._stream(conn, plan, t0, sent)
+                if ended is not None:
+                    outcome = ended
                 return outcome != "abort" and request.keep_alive
             ready = t0 + (o.ttft_ms + o.latency_ms) / 1000
             if o.tokens_per_s > 0:
                 ready += max(plan.max_steps - 1, 0) / o.tokens_per_s
             if ready > trio.current_time() and not await self._sleep_watching(conn, ready):
                 return False
-            if self.fault is not None and not await self._park(conn):
+            if self.fault in _PARKING and not await self._park(conn):
                 return False
+            if self.fault == "inband_error":
+                status, body = plan.error_body()
+                sent.append(body)
+                await conn.respond(status, body, request.keep_alive)
+                outcome = "error"
+                return request.keep_alive
             body = plan.body()
             sent.append(body)
             await conn.respond(200, body, request.keep_alive)
-            outcome = plan.choices[0].finish
+            outcome = plan.finish
             return request.keep_alive
         finally:
             self.responses.append(b"".join(sent)[:RECORDED_BODY_BYTES])
             counters.live.discard(live)
-            tokens = plan.completion_tokens if outcome != "abort" else _streamed_tokens(plan, sent)
+            if outcome in ("abort", "error"):  # what reached the wire (the error event is not a token)
+                tokens = plan.streamed_tokens(len(sent) - (outcome == "error"))
+            else:
+                tokens = plan.completion_tokens
             self._finish(counters, outcome, tokens)
 
     def _finish(self, counters: _Model, outcome: str, tokens: int) -> None:
-        """Book one generation: outcome is its finish_reason, or "abort" when it was cut."""
+        """Book one generation: outcome is its finish_reason, "error" when the engine failed it, or
+        "abort" when it was cut."""
         counters.running -= 1
         counters.generation += tokens
         counters.success[_ENGINE_REASON[outcome]] += 1
@@ -393,14 +593,15 @@ class SimServer:
             self._totals["finished"] += 1
             self._totals[outcome] += 1
 
-    async def _stream(self, conn: Conn, plan: Plan, t0: float, sent: list[bytes]) -> bool:
-        """Write the SSE stream; False if it was cut (client gone, write failed, fault injected)."""
+    async def _stream(self, conn: Conn, plan: Generation, t0: float, sent: list[bytes]) -> str | None:
+        """Write the SSE stream; its outcome (the plan's finish, or "error" after an in-band error), None
+        if it was cut (client gone, write failed, fault injected)."""
         try:
             return await self._pump(conn, plan, t0, sent)
         except trio.BrokenResourceError:
-            return False
+            return None
 
-    async def _pump(self, conn: Conn, plan: Plan, t0: float, sent: list[bytes]) -> bool:
+    async def _pump(self, conn: Conn, plan: Generation, t0: float, sent: list[bytes]) -> str | None:
         rate = self.options.tokens_per_s
         first = t0 + self.options.ttft_ms / 1000
         paced = rate > 0 or first > t0
@@ -408,29 +609,41 @@ class SimServer:
         conn.scope.deadline = math.inf  # a stream is not idle; only a write that stalls gets a limit
         out = [sse_head()]
         step_due = -1
+        fail_at = min(INBAND_TOKENS, max(plan.completion_tokens - 1, 0))
         for step, event in plan.events():
             if self.fault is not None:
-                if self.fault == "stall":
-                    await conn.write(out)  # what was generated goes out; then nothing more
-                if not await self._park(conn):
-                    return False
-            if paced and step != step_due:
+                if self.fault == "inband_error":
+                    if len(sent) >= plan.overhead and plan.streamed_tokens(len(sent)) >= fail_at:
+                        error = plan.inband_error()
+                        if error is None:  # vLLM's own failure here breaks the stream: cut it
+                            await conn.write(out)
+                            return None
+                        out.append(b"%x\r\n%s\r\n0\r\n\r\n" % (len(error), error))
+                        sent.append(error)
+                        await conn.write(out)
+                        return "error"
+                else:
+                    if self.fault == "stall":
+                        await conn.write(out)  # what was generated goes out; then nothing more
+                    if not await self._park(conn):
+                        return None
+            if paced and step != step_due and step >= 0:  # negative steps go out at once (t0)
                 step_due = step
                 due = first + step / rate if rate > 0 else first
                 if due > trio.current_time():
                     await conn.write(out)
                     if not await self._sleep_watching(conn, due):
-                        return False
+                        return None
             out.append(b"%x\r\n%s\r\n" % (len(event), event))
             sent.append(event)
             if die is not None and len(sent) >= die:
                 await conn.write(out)
-                return False  # the caller closes the connection without the last chunk
+                return None  # the caller closes the connection without the last chunk
             if len(out) >= STREAM_BATCH:
                 await conn.write(out)
         out.append(b"0\r\n\r\n")
         await conn.write(out)
-        return True
+        return plan.finish
 
     async def _sleep_watching(self, conn: Conn, deadline: float) -> bool:
         """Sleep until `deadline` while watching the socket; False if the client hung up first.
@@ -463,7 +676,7 @@ class SimServer:
         with trio.CancelScope() as parked:
             self._parked.add(parked)
             try:
-                if self.fault is None:
+                if self.fault not in _PARKING:
                     return True
                 return await self._watch_forever(conn)
             finally:
@@ -506,13 +719,19 @@ def _now() -> float:
         return math.inf
 
 
+def _request_id(request: Request) -> str | None:
+    """The `X-Request-Id` header, which vLLM uses as the base of its response ids."""
+    rid = request.fields.get(b"x-request-id")
+    return rid.decode("latin-1") if rid else None
+
+
 def _is_probe(request: Request) -> bool:
     return request.fields.get(b"user-agent", b"").startswith(PROBE_AGENT)
 
 
-def _live_streamed(plan: Plan, sent: list[bytes], now: float) -> int:
+def _live_streamed(plan: Generation, sent: list[bytes], now: float) -> int:
     """Tokens a running stream has written so far."""
-    return _streamed_tokens(plan, sent)
+    return plan.streamed_tokens(len(sent))
 
 
 def _live_scheduled(total: int, first_at: float, rate: float, now: float) -> int:
@@ -522,14 +741,6 @@ def _live_scheduled(total: int, first_at: float, rate: float, now: float) -> int
     if rate <= 0:
         return total
     return min(total, 1 + int((now - first_at) * rate))
-
-
-def _streamed_tokens(plan: Plan, sent: list[bytes]) -> int:
-    """Tokens that reached the wire before an abort (events minus role/usage/[DONE] chunks)."""
-    if not plan.stream:
-        return 0
-    roles = len(plan.choices) if plan.kind == "chat" else 0
-    return max(0, min(plan.completion_tokens, len(sent) - roles))
 
 
 __all__ = ["RecordedRequest", "SimOptions", "SimServer", "SimStatistics"]

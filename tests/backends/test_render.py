@@ -32,6 +32,27 @@ def test_vllm_command_flags() -> None:
     assert "--api-key" not in argv  # the key travels in the environment only
 
 
+def test_tool_and_reasoning_parser_flags() -> None:
+    tools = BackendConfig(model="org/m", tool_call_parser="hermes", reasoning_parser="qwen3",
+                          extra_args=["--enable-prefix-caching"])
+    assert render("t", ["m"], tools).command == (
+        "/opt/vllm/bin/vllm serve org/m --served-model-name m --host 0.0.0.0 --port 8000 "
+        "--tensor-parallel-size 2 --max-model-len 8192 --gpu-memory-utilization 0.9 "
+        "--enable-auto-tool-choice --tool-call-parser hermes --reasoning-parser qwen3 --enable-prefix-caching")
+    start = next(line for line in render("t", ["m"], tools).unit.splitlines() if line.startswith("ExecStart="))
+    assert start == ("ExecStart=/opt/vllm/bin/vllm serve org/m --served-model-name m --host 0.0.0.0 --port 8000 "
+                     "--tensor-parallel-size 2 --max-model-len 8192 --gpu-memory-utilization 0.9 "
+                     "--enable-auto-tool-choice --tool-call-parser hermes --reasoning-parser qwen3 "
+                     "--enable-prefix-caching")
+    parser_only = BackendConfig(model="org/m", tool_call_parser="llama3_json", auto_tool_choice=False)
+    assert vllm_argv(["m"], parser_only)[-2:] == ["--tool-call-parser", "llama3_json"]
+    assert "--enable-auto-tool-choice" not in vllm_argv(["m"], parser_only)
+    plain = vllm_argv(["m"], BackendConfig(model="org/m"))
+    assert not {"--enable-auto-tool-choice", "--tool-call-parser", "--reasoning-parser"} & set(plain)
+    assert vllm_argv(["m"], BackendConfig(model="org/m", reasoning_parser="deepseek_r1"))[-2:] == [
+        "--reasoning-parser", "deepseek_r1"]
+
+
 def test_shell_command_maps_the_key_variable() -> None:
     art = render("h100x2", ["qwen3-coder"], BACKEND)
     assert art.command.startswith('VLLM_API_KEY="$TIER_KEY" /opt/vllm/bin/vllm serve ')
@@ -50,6 +71,11 @@ def test_systemd_unit() -> None:
     assert start.startswith("ExecStart=/usr/bin/env VLLM_API_KEY=${TIER_KEY} /opt/vllm/bin/vllm serve ")
     pre = next(line for line in lines if line.startswith("ExecStartPre="))
     assert '"$$TIER_KEY"' in pre  # systemd turns $$ into $: the shell checks the variable is not empty
+    # vLLM keeps Responses API responses (for retrieve / previous_response_id) only when told to.
+    assert ("Environment=HOME=/var/lib/vllm HF_HOME=/var/lib/vllm/huggingface "
+            "XDG_CACHE_HOME=/var/lib/vllm/cache VLLM_ENABLE_RESPONSES_API_STORE=1") in lines
+    off = render("h100x2", ["m"], msgspec.structs.replace(BACKEND, responses_store=False)).unit.splitlines()
+    assert "Environment=HOME=/var/lib/vllm HF_HOME=/var/lib/vllm/huggingface XDG_CACHE_HOME=/var/lib/vllm/cache" in off
 
 
 def test_systemd_quoting_of_odd_arguments() -> None:
@@ -91,7 +117,8 @@ def test_cloud_init_is_valid_yaml_carrying_the_units() -> None:
 
 @pytest.mark.parametrize("field, value", [("tensor_parallel_size", 0), ("port", 70000),
                                           ("gpu_memory_utilization", 1.5), ("api_key_env", "A-B"),
-                                          ("max_model_len", 0)])
+                                          ("max_model_len", 0), ("tool_call_parser", "hermes --x"),
+                                          ("reasoning_parser", "")])
 def test_backend_settings_ranges(field: str, value: object) -> None:
     with pytest.raises(msgspec.ValidationError, match=field):
         msgspec.convert({"model": "m", field: value}, BackendConfig)
@@ -126,6 +153,14 @@ def test_cli_render_prints_headed_artefacts(tmp_path, capsys) -> None:
     headings = [line for line in out.splitlines() if line.startswith("# ==== ")]
     assert [h.split(" ")[2] for h in headings] == ["vllm", "systemd", "spot-interruption", "systemd", "cloud-init"]
     assert "--served-model-name qwen3-coder" in out and "#cloud-config" in out
+
+
+def test_tool_parser_from_the_gateway_toml(tmp_path, capsys) -> None:
+    path = tmp_path / "gateway.toml"
+    path.write_text(CONFIG.replace('api_key_env = "TIER_KEY"',
+                                   'api_key_env = "TIER_KEY"\ntool_call_parser = "hermes"'))
+    assert cmd_backend.main(["render", "--config", str(path), "--tier", "h100x2"]) == 0
+    assert "--enable-auto-tool-choice --tool-call-parser hermes" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("text, tier, message", [

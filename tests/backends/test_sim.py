@@ -146,7 +146,7 @@ async def test_streaming_chat_chunks_usage_and_done() -> None:
 
 async def test_tool_calls_plain_and_streamed() -> None:
     with trio.fail_after(15):
-        async with running() as (_, port):
+        async with running(enable_auto_tool_choice=True, tool_call_parser="hermes") as (_, port):
             client = sdk(port)
             reply = await call(lambda: client.chat.completions.create(model="sim-chat", messages=HELLO, tools=TOOLS))
             call0 = reply.choices[0].message.tool_calls[0]

@@ -21,6 +21,7 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": 
 
 
 DEFAULTS = SimOptions()
+TOOLING = SimOptions(enable_auto_tool_choice=True, tool_call_parser="hermes")  # `vllm serve` with tool flags
 
 
 def chat(options: SimOptions = DEFAULTS, **fields):
@@ -102,7 +103,7 @@ def test_continuous_usage_and_n_choices() -> None:
 
 
 def test_tool_calls_by_choice_mode() -> None:
-    auto = chat(tools=TOOLS)
+    auto = chat(TOOLING, tools=TOOLS)
     body = json.loads(auto.body())
     message, finish = body["choices"][0]["message"], body["choices"][0]["finish_reason"]
     assert finish == "tool_calls" and message["content"] is None
@@ -110,21 +111,21 @@ def test_tool_calls_by_choice_mode() -> None:
     assert call["id"].startswith("chatcmpl-tool-") and call["type"] == "function"
     assert call["function"]["name"] == "get_weather"
     assert json.loads(call["function"]["arguments"]) == {"city": "sim", "days": 3, "unit": "c"}
-    named = json.loads(chat(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "noop"}}).body())
+    named = json.loads(chat(TOOLING, tools=TOOLS, tool_choice={"type": "function", "function": {"name": "noop"}}).body())
     assert named["choices"][0]["finish_reason"] == "stop"
     assert named["choices"][0]["message"]["content"] == ""
     assert named["choices"][0]["message"]["tool_calls"][0]["function"] == {"name": "noop", "arguments": "{}"}
     # after a tool result the model answers in text
-    turn = chat(tools=TOOLS, messages=[{"role": "user", "content": "weather?"},
+    turn = chat(TOOLING, tools=TOOLS, messages=[{"role": "user", "content": "weather?"},
                                        {"role": "assistant", "tool_calls": [{"id": "1", "type": "function",
                                         "function": {"name": "get_weather", "arguments": "{}"}}]},
                                        {"role": "tool", "tool_call_id": "1", "content": "sunny"}])
     assert turn.choices[0].tool_name is None and turn.choices[0].finish == "stop"
-    assert chat(tools=TOOLS, tool_choice="none").choices[0].tool_name is None
+    assert chat(tools=TOOLS, tool_choice="none").choices[0].tool_name is None  # no flags needed
 
 
 def test_streamed_tool_call_deltas() -> None:
-    plan = chat(tools=TOOLS, stream=True)
+    plan = chat(TOOLING, tools=TOOLS, stream=True)
     deltas = [json.loads(e[6:])["choices"][0] for _, e in list(plan.events())[1:-1]]
     first = deltas[0]["delta"]["tool_calls"][0]
     assert list(first) == ["id", "type", "index", "function"] and first["function"] == {"name": "get_weather"}
@@ -135,7 +136,7 @@ def test_streamed_tool_call_deltas() -> None:
 
 
 def test_break_tool_json_emits_invalid_arguments() -> None:
-    plan = chat(SimOptions(break_tool_json=True), tools=TOOLS)
+    plan = chat(SimOptions(break_tool_json=True, enable_auto_tool_choice=True), tools=TOOLS)
     arguments = json.loads(plan.body())["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"]
     with pytest.raises(json.JSONDecodeError):
         json.loads(arguments)
