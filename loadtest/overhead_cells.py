@@ -180,6 +180,14 @@ async def _measure(rig: Rig, plan: Plan, key: str | None, log) -> list[dict]:
     ])
 
     rig.check_alive()
+    log("other streaming APIs: per-event gaps, 100 streams (Responses API, Anthropic Messages vs chat)")
+    await latency_cells("stream", "gap_ms", [
+        (f"sse_{kind}_{n}", f"SSE gap, {n} {label} str.", Shape(kind, concurrency=n, max_tokens=16), 0.2,
+         plan.stream_slice_s)
+        for kind, label in (("responses", "responses"), ("messages", "messages"))
+        for n in plan.sse_streams[1:2] or plan.sse_streams[:1]
+    ])
+
     log("saturation, zero-latency upstream")
     targets = rig.side_by_side("zero", ("gateway-w2",))
     note = "--workers 2 on 2 cores shared with the load generator and the sim: shape, not limit"
@@ -196,6 +204,12 @@ async def _measure(rig: Rig, plan: Plan, key: str | None, log) -> list[dict]:
                                50000.0))
     if "zero-w2" in rig.gateways:
         rows.append(_w2_row("sat_sse_w2", "max SSE events/s, 2 workers", rows[-1], note))
+    for kind in ("responses", "messages"):
+        shape = Shape(kind, concurrency=16, max_tokens=200)
+        stats = await run_cell(targets, shape, requests_for(targets, shape, key), plan.rounds(plan.sat_slice_s),
+                               plan.sat_slice_s)
+        rows.append(throughput_row(f"sat_sse_{kind}", f"max {kind} events/s, 16 str.", shape, stats, "event",
+                                   50000.0))
     for t in targets:
         t.pool.close_all()
 

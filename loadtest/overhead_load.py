@@ -107,7 +107,7 @@ def added(via: dict | None, direct: dict | None) -> dict | None:
 class Shape:
     """One load shape applied to each target in turn for `slice_s` at a time."""
 
-    kind: str  # "chat" | "stream"
+    kind: str  # "chat" | "stream" (chat completions) | "responses" | "messages" (those APIs' streams)
     concurrency: int = 0  # closed loop: connections, back to back
     rate: float = 0.0  # open loop: requests per second on a fixed schedule
     max_tokens: int = 16
@@ -150,7 +150,7 @@ async def one_request(target: Target, request: bytes, stat: Stat, t_start: float
 
 async def run_slice(target: Target, shape: Shape, request: bytes, stat: Stat, slice_s: float) -> None:
     """Load `target` with `shape` for `slice_s`, wait for in-flight requests, account CPU and wall."""
-    stream = shape.kind == "stream"
+    stream = shape.kind != "chat"
     cpu0 = procs.cpu_seconds(target.pids) if target.pids else 0.0
     t0 = trio.current_time()
     with trio.fail_after(slice_s + DRAIN_TIMEOUT_S):
@@ -233,6 +233,28 @@ def chat_body(stream: bool, max_tokens: int, model: str = "sim-chat") -> bytes:
     }, separators=(",", ":")).encode()
 
 
+def responses_body(max_tokens: int, model: str = "sim-chat") -> bytes:
+    """A streamed Responses API request (what the Vercel AI SDK and Codex send)."""
+    return json.dumps({"model": model, "input": "Say hello in a few words.", "max_output_tokens": max_tokens,
+                       "stream": True}, separators=(",", ":")).encode()
+
+
+def messages_body(max_tokens: int, model: str = "sim-chat") -> bytes:
+    """A streamed Anthropic Messages request (what Claude Code and the Anthropic SDKs send)."""
+    return json.dumps({"model": model, "max_tokens": max_tokens, "stream": True,
+                       "messages": [{"role": "user", "content": "Say hello in a few words."}]},
+                      separators=(",", ":")).encode()
+
+
+def request_of(shape: Shape) -> tuple[bytes, str]:
+    """(body, path) of one request of `shape`."""
+    if shape.kind == "responses":
+        return responses_body(shape.max_tokens), "/v1/responses"
+    if shape.kind == "messages":
+        return messages_body(shape.max_tokens), "/v1/messages"
+    return chat_body(shape.kind == "stream", shape.max_tokens), "/v1/chat/completions"
+
+
 def requests_for(targets: list[Target], shape: Shape, key: str | None) -> dict[str, bytes]:
-    body = chat_body(shape.kind == "stream", shape.max_tokens)
-    return {t.name: build_request(t.port, body, "/v1/chat/completions", key) for t in targets}
+    body, path = request_of(shape)
+    return {t.name: build_request(t.port, body, path, key) for t in targets}

@@ -12,6 +12,7 @@ naming. Knobs that are durations end in `_s`; sizes end in `_bytes`.
 from __future__ import annotations
 
 import ipaddress
+import re
 import tomllib
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -20,6 +21,8 @@ import msgspec
 
 from backends.settings import BackendConfig
 from ops.settings import WakeConfig
+
+_ORIGIN = re.compile(r"https?://[A-Za-z0-9.\-]+(:[0-9]{1,5})?|https?://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
 
 
 class ConfigError(ValueError):
@@ -46,6 +49,11 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     # Addresses (or CIDR networks) whose X-Forwarded-For / Forwarded headers are believed and appended
     # to; from anyone else those headers are dropped and replaced by the gateway's own.
     trusted_proxies: list[str] = msgspec.field(default_factory=list)
+    # Browser apps: origins (scheme://host[:port], or "*") whose cross-origin requests are answered
+    # with CORS headers, preflights included; none by default (admit/cors.py).
+    cors_origins: list[str] = msgspec.field(default_factory=list)
+    # /v1/audio/*: multipart uploads have their own limit (OpenAI's: 25 MiB), checked before reading.
+    max_audio_bytes: int = 25 * 1024 * 1024
 
 
 class UpstreamConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -179,6 +187,12 @@ def validate(cfg: Config) -> Config:
     if cfg.server.min_body_rate_bytes_s < 0:
         raise ConfigError(f"field 'server.min_body_rate_bytes_s': must be >= 0 (0: no minimum), "
                           f"got {cfg.server.min_body_rate_bytes_s}")
+    if cfg.server.max_audio_bytes <= 0:
+        raise ConfigError(f"field 'server.max_audio_bytes': must be > 0, got {cfg.server.max_audio_bytes}")
+    for i, origin in enumerate(cfg.server.cors_origins):
+        if origin != "*" and not _ORIGIN.fullmatch(origin):
+            raise ConfigError(f"field 'server.cors_origins[{i}]': expected an origin like "
+                              f"'https://app.example.com' (scheme://host[:port], no path) or '*', got {origin!r}")
     for i, net in enumerate(cfg.server.trusted_proxies):
         try:
             ipaddress.ip_network(net, strict=False)

@@ -9,6 +9,16 @@ class (400 BadRequestError, 401 AuthenticationError, 403 PermissionDeniedError, 
 413/502/503 APIStatusError, 429 RateLimitError, 5xx InternalServerError) and reads `x-should-retry`
 and `Retry-After` for its retry decision (`openai/_base_client.py: _should_retry`).
 
+Routes speak one of three dialects (`Dialect`, chosen by the route table): the OpenAI envelope above
+(chat, completions, embeddings, the Responses API, the rest); Anthropic's on `/v1/messages*`,
+``{"type": "error", "error": {"type", "message"}}`` with its types per status (400
+invalid_request_error, 401 authentication_error, 403 permission_error, 404 not_found_error, 413
+request_too_large, 429 rate_limit_error, 500 and other 5xx api_error, and the gateway's 503s -- nothing
+reachable, overloaded -- as 529 overloaded_error: anthropic-sdk raises the matching classes and retries
+429/5xx/529 unless `x-should-retry: false`). In-band (after a 200 SSE head) each API has its own shape:
+chat's ``data: {"error": ...}``, the Responses API's ``event: error`` with ``{"type": "error", "code",
+"message", "param"}``, Anthropic's ``event: error`` with its envelope.
+
 Constructors below are the only place where status, type and code are paired, so they stay in sync.
 """
 
@@ -17,6 +27,15 @@ from __future__ import annotations
 import msgspec
 
 _encoder = msgspec.json.Encoder()
+
+# Dialects: the error shape a route's clients parse.
+OPENAI = 0
+RESPONSES = 1  # OpenAI's envelope; its own in-band event
+ANTHROPIC = 2
+
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                    404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
+                    529: "overloaded_error"}
 
 
 class ApiError(Exception):
@@ -42,8 +61,17 @@ class ApiError(Exception):
         self.code = code
         self.headers = headers
 
-    def body(self) -> bytes:
-        """The JSON body: ``{"error": {...}}``."""
+    def status_for(self, dialect: int) -> int:
+        """The status a client of `dialect` gets: Anthropic's 529 for the gateway's 503s."""
+        if dialect == ANTHROPIC and self.status == 503:
+            return 529
+        return self.status
+
+    def body(self, dialect: int = OPENAI) -> bytes:
+        """The JSON body: ``{"error": {...}}``, or Anthropic's ``{"type": "error", "error": {...}}``."""
+        if dialect == ANTHROPIC:
+            return _encoder.encode({"type": "error", "error": {"type": anthropic_type(self.status_for(dialect)),
+                                                               "message": self.message}})
         return _encoder.encode(
             {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
         )
@@ -60,9 +88,25 @@ def sole_exception(exc: BaseException) -> BaseException:
     return exc
 
 
-def inband_error(message: str, code: str) -> bytes:
-    """A failed stream's last event, after its 200 head: ``data: {"error": {...}}`` (openai-python
-    raises APIError on it). relay/inband.py sends it; the crash barrier too."""
+def anthropic_type(status: int) -> str:
+    """Anthropic's error type for a status (other 4xx: invalid_request_error; 5xx: api_error)."""
+    found = _ANTHROPIC_TYPES.get(status)
+    if found is not None:
+        return found
+    return "api_error" if status >= 500 else "invalid_request_error"
+
+
+def inband_error(message: str, code: str, dialect: int = OPENAI) -> bytes:
+    """A failed stream's last event, after its 200 head, in the stream's own API shape: chat's
+    ``data: {"error": {...}}`` (openai-python raises APIError on it), the Responses API's
+    ``event: error`` (``ResponseErrorEvent``), Anthropic's ``event: error`` with its envelope (the
+    SDK raises on it). relay/inband.py sends it; the crash barrier too."""
+    if dialect == RESPONSES:
+        payload = _encoder.encode({"type": "error", "code": code, "message": message, "param": None})
+        return b"event: error\ndata: " + payload + b"\n\n"
+    if dialect == ANTHROPIC:
+        payload = _encoder.encode({"type": "error", "error": {"type": "api_error", "message": message}})
+        return b"event: error\ndata: " + payload + b"\n\n"
     payload = _encoder.encode({"error": {"message": message, "type": "server_error", "param": None,
                                          "code": code}})
     return b"data: " + payload + b"\n\n"
@@ -72,7 +116,8 @@ def invalid_request(message: str, param: str | None = None, code: str | None = N
     return ApiError(400, message, "invalid_request_error", param=param, code=code)
 
 
-def invalid_api_key(message: str = "Incorrect or missing API key. Pass it as 'Authorization: Bearer <key>'.") -> ApiError:
+def invalid_api_key(message: str = "Incorrect or missing API key. Pass it as 'Authorization: Bearer <key>' "
+                                   "(or 'x-api-key: <key>').") -> ApiError:
     return ApiError(401, message, "invalid_request_error", code="invalid_api_key")
 
 
@@ -144,3 +189,9 @@ def wake_timeout(tier: str, waited_s: float) -> ApiError:
 def overloaded(message: str, retry_after_s: int) -> ApiError:
     return ApiError(503, message, "server_error", code="overloaded",
                     headers=((b"retry-after", str(retry_after_s).encode()),))
+
+
+def unknown_response(response_id: str) -> ApiError:
+    # OpenAI's wording for an unknown id (its param names the path parameter).
+    return ApiError(404, f"Response with id '{response_id}' not found.", "invalid_request_error",
+                    param="response_id", code="response_not_found")

@@ -47,6 +47,7 @@ class Exchange:
         "charged_tokens",
         "client",
         "completion_tokens",
+        "dialect",
         "early_head",
         "endpoint",
         "error_type",
@@ -79,6 +80,7 @@ class Exchange:
         self.t0 = time.perf_counter()
         self.ts = time.time()
         self.endpoint = ""
+        self.dialect = 0  # errors.OPENAI; routes.py sets the route's
         self.key = None
         self.model: str | None = None
         self.tier: str | None = None
@@ -100,7 +102,7 @@ class Exchange:
         self._done = False
 
     def fail(self, err) -> None:
-        self.status = err.status
+        self.status = err.status_for(self.dialect)
         self.error_type = err.code or err.type
 
     def finish(self, client_gone: bool) -> None:

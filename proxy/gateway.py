@@ -24,6 +24,7 @@ from proxy.limits.charge import settle
 from proxy.limits.shared_table import open_limiter
 from proxy.observe import logs
 from proxy.observe.access import access_fields
+from proxy.routing.shared_homes import open_homes
 from proxy.routing.tiers import Router
 from proxy.upstream.headers import trusted_networks
 from proxy.upstream.pool import Pool
@@ -58,6 +59,7 @@ class Gateway:
         up = runtime.config.upstream
         self.pool = Pool(max_idle_per_host=up.max_idle_per_host, idle_keepalive_s=up.idle_keepalive_s)
         self.metrics = Metrics()
+        self.homes = open_homes(workers)  # stored Responses API ids -> the upstream that holds them
         self.workers = max(1, workers)
         # Under the supervisor: one shared bucket table, exact limits (divisor 1); see limits/shared_table.
         self.limiter, self.limit_divisor = open_limiter(self.workers, time.monotonic)

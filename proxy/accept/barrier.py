@@ -66,7 +66,7 @@ async def contain(gw, ds: Downstream, exc: BaseException, where: str, ex=None) -
         if not ds.started:
             await ds.send_error(err, ex.request_id if ex is not None else None)
         elif ex is not None and ex.stream and not ds.client_gone:
-            await ds.send_raw(ds.frame(errors.inband_error(err.message, err.code)))
+            await ds.send_raw(ds.frame(errors.inband_error(err.message, err.code, ds.dialect)))
     except ClientGone:
         pass
     except Exception:  # noqa: BLE001, S110 -- the socket itself may be what failed; the caller closes it

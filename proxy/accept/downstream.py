@@ -25,10 +25,11 @@ from proxy import errors, sockio
 from proxy.parse.request import RequestError, RequestReader
 from proxy.sockio import BrokenPipe
 
-REASONS = {200: b"OK", 400: b"Bad Request", 401: b"Unauthorized", 403: b"Forbidden", 404: b"Not Found",
+REASONS = {200: b"OK", 204: b"No Content", 400: b"Bad Request", 401: b"Unauthorized", 403: b"Forbidden", 404: b"Not Found",
            405: b"Method Not Allowed", 408: b"Request Timeout", 413: b"Content Too Large",
            429: b"Too Many Requests", 431: b"Request Header Fields Too Large", 500: b"Internal Server Error",
-           502: b"Bad Gateway", 503: b"Service Unavailable", 504: b"Gateway Timeout"}
+           502: b"Bad Gateway", 503: b"Service Unavailable", 504: b"Gateway Timeout",
+           529: b"Overloaded"}
 _JSON = (b"content-type", b"application/json")
 IDLE, HEAD, BODY, BUSY = "idle", "head", "body", "busy"
 
@@ -43,6 +44,8 @@ class Downstream:
         "chunked",
         "client",
         "client_gone",
+        "cors",
+        "dialect",
         "gw",
         "head_only",
         "http11",
@@ -70,6 +73,8 @@ class Downstream:
         self.head_only = False    # HEAD request: no body bytes
         self.http11 = True
         self.busy_since = 0.0
+        self.dialect = errors.OPENAI  # the error shape of the current request's route (routes.py sets it)
+        self.cors: list | None = None  # CORS headers for the current request's response (admit/cors.py)
 
     def _enter(self, phase: str, seconds: float) -> None:
         self.phase = phase
@@ -105,6 +110,8 @@ class Downstream:
             self.http11 = head.http_version == b"1.1"
             self.head_only = head.method == b"HEAD"
             self.keep_alive = head.keep_alive
+            self.dialect = errors.OPENAI
+            self.cors = None
             return head
 
     async def read_body(self, limit: int, head) -> bytes:
@@ -160,6 +167,8 @@ class Downstream:
         """Head bytes for a response of `length` bytes, or of unknown length (chunked on HTTP/1.1,
         close-delimited on HTTP/1.0). Framing headers in `headers` must already be removed."""
         self.started = True
+        if status == 204:
+            length = 0  # no body; no framing header is written for it (below)
         if length is None:
             self.chunked = self.http11
             if not self.http11:
@@ -170,7 +179,11 @@ class Downstream:
             reason = REASONS.get(status, b"")
         lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
         lines += [b"%s: %s\r\n" % h for h in headers]
-        if length is not None:
+        if self.cors is not None:
+            lines += [b"%s: %s\r\n" % h for h in self.cors]
+        if status == 204:
+            self.chunked = False  # no body, no framing headers (RFC 9110 8.6)
+        elif length is not None:
             lines.append(b"content-length: %d\r\n" % length)
         elif self.chunked:
             lines.append(b"transfer-encoding: chunked\r\n")
@@ -203,7 +216,7 @@ class Downstream:
             headers.append((b"x-request-id", request_id))
         if not self.reader.body_complete:
             self.keep_alive = False  # the body is unread (or garbage): close after this response
-        await self.send_response(err.status, headers, err.body())
+        await self.send_response(err.status_for(self.dialect), headers, err.body(self.dialect))
 
     def next_cycle(self) -> bool:
         """After a complete response: ready for the next request on this connection (False: close).

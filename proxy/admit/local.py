@@ -1,8 +1,10 @@
-"""The endpoints the gateway answers itself: `/v1/models`, `/healthz`, `/metrics`.
+"""The endpoints the gateway answers itself: `/v1/models`, `/healthz` (and vLLM's `/health`), `/version`,
+`/metrics`.
 
 Strategy: none of these touches an upstream. `/v1/models` is answered from configuration (a down or
 sleeping upstream must not make it fail) and lists only the models of tiers the key may use, in
 OpenAI's list shape; `/v1/models/{id}` is one such object or 404. `/healthz` says the process serves;
+`/version` is the gateway's own version (vLLM's shape: ``{"version": ...}``);
 `/metrics` is the Prometheus scrape (all workers' figures under the supervisor).
 Every handler has the signature the route table expects: (gw, ds, ex, request, key, rest).
 """
@@ -42,6 +44,26 @@ async def handle_models(gw, ds: Downstream, ex: Exchange, request, key, rest: by
 async def handle_healthz(gw, ds: Downstream, ex: Exchange, request, key, rest: bytes) -> None:
     ex.status = 200
     await ds.send_response(200, [_JSON], b'{"status":"ok"}')
+
+
+def _version_body() -> bytes:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        v = version("spotinference")
+    except PackageNotFoundError:  # a source tree that was never installed
+        v = "0+unknown"
+    return _encode({"version": v, "name": "spotinference"})
+
+
+_VERSION: list[bytes] = []
+
+
+async def handle_version(gw, ds: Downstream, ex: Exchange, request, key, rest: bytes) -> None:
+    if not _VERSION:
+        _VERSION.append(_version_body())
+    ex.status = 200
+    await ds.send_response(200, [_JSON], _VERSION[0])
 
 
 async def handle_metrics(gw, ds: Downstream, ex: Exchange, request, key, rest: bytes) -> None:

@@ -167,6 +167,7 @@ _NULL = Raw(b"null")
 
 class _View(Struct, kw_only=True, gc=False):
     model: _Model
+    api = "chat"  # the usage tap's kind (usage/taps.py)
 
     def estimate_prompt_tokens(self, body_len: int) -> int:
         """A cheap upper-side guess for rate limiting: the body length / 4 bytes per token.
@@ -205,7 +206,7 @@ class ChatView(_Generation, kw_only=True):
     tool_choice: ToolChoice | None = None
     response_format: ResponseFormat | None = None
 
-    def max_output_tokens(self) -> int | None:
+    def output_limit(self) -> int | None:
         """``max_completion_tokens``, else the deprecated ``max_tokens``; None: the upstream's default."""
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
@@ -216,7 +217,7 @@ class CompletionView(_Generation, kw_only=True):
     max_tokens: _Count | None = None  # 0 with echo: score the prompt only (vLLM)
     logprobs: _Count | None = None  # an int here, unlike chat
 
-    def max_output_tokens(self) -> int | None:
+    def output_limit(self) -> int | None:
         """``max_tokens``; None: the upstream's default (16 on OpenAI and vLLM)."""
         return self.max_tokens
 
@@ -229,8 +230,9 @@ class EmbeddingView(_View, kw_only=True):
 
     stream = False
     include_usage = False
+    api = "plain"
 
-    def max_output_tokens(self) -> None:
+    def output_limit(self) -> None:
         return None
 
 

@@ -96,7 +96,8 @@ async def _demo(args: argparse.Namespace, aws_url: str) -> int:
             tap = ApiTap(aws_url)
             tap_host, tap_port = await nursery.start(tap.serve, "127.0.0.1", 0)
             iid = await trio.to_thread.run_sync(sleeping_host)
-            fleet = FleetSimulator(ec2, SimOptions(models=(MODEL,), ttft_ms=40.0, tokens_per_s=200.0),
+            fleet = FleetSimulator(ec2, SimOptions(models=(MODEL,), ttft_ms=40.0, tokens_per_s=200.0,
+                                                       enable_auto_tool_choice=True, tool_call_parser="hermes"),
                                    boot_delay_s=args.boot_delay_s, poll_s=0.05, upstream_tag=TAG)
             upstream = fleet.reserve(iid)
             await nursery.start(fleet.run)

@@ -77,8 +77,10 @@ async def _serve_embedded(listen: str, ttft_ms: float = SIM_TTFT_MS,
     from proxy.process.services import run_gateway
 
     async with trio.open_nursery() as nursery:
+        # Like a vLLM started with `--enable-auto-tool-choice --tool-call-parser hermes`, so tool
+        # calling works out of the box (vLLM itself refuses tool_choice "auto" without them).
         options = SimOptions(models=("sim-chat",), embedding_models=("sim-embed",), ttft_ms=ttft_ms,
-                             tokens_per_s=tokens_per_s)
+                             tokens_per_s=tokens_per_s, enable_auto_tool_choice=True, tool_call_parser="hermes")
         sim_host, sim_port = await nursery.start(SimServer(options).serve, "127.0.0.1", 0)
         config = embedded_default(f"http://{sim_host}:{sim_port}", listen)
         host, port = await nursery.start(functools.partial(run_gateway, config, sock=sock))

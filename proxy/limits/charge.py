@@ -23,7 +23,7 @@ def charge(gw, ex: Exchange, key, view, body_len: int) -> tuple[tuple[bytes, byt
     Raises ApiError 429 when the key is over its limits. Records the tokens charged on `ex`."""
     if key is None or (key.rpm is None and key.tpm is None):
         return ()
-    estimate = view.estimate_prompt_tokens(body_len) + (view.max_output_tokens() or 0)
+    estimate = view.estimate_prompt_tokens(body_len) + (view.output_limit() or 0)
     w = gw.limit_divisor
     adm = gw.limiter.admit(key.name, None if key.rpm is None else key.rpm / w,
                            None if key.tpm is None else key.tpm / w, estimate)

@@ -15,7 +15,8 @@ usage rows spilled by an earlier run, and then only watches:
   drain_s plus a margin, SIGKILL stragglers, exit 0.
 Rate limits: the supervisor creates the shared bucket table (proxy/limits/shared_table.py) before the
 workers start, names it in their environment, and deletes it on exit; every key's limits are exact
-across workers.
+across workers. The stored-responses table (proxy/routing/shared_homes.py) is made and removed the
+same way, so a retrieve finds its response's upstream whichever worker takes it.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ def run_supervisor(config: Config, config_path: str, sock=None) -> int:
     """Serve with `config.server.workers` workers on `sock` (bound here from `listen` when None)."""
     from proxy.limits import shared_table
     from proxy.observe.metrics import prepare_multiproc_dir, worker_exited
+    from proxy.routing import shared_homes
     from proxy.usage.log import recover_spills
 
     if sock is None:
@@ -60,6 +62,8 @@ def run_supervisor(config: Config, config_path: str, sock=None) -> int:
     env = {**os.environ, **prepare_multiproc_dir(metrics_dir)}
     ratelimit_table = shared_table.create_table()
     env[shared_table.ENV] = ratelimit_table
+    homes_table = shared_homes.create_homes_table()
+    env[shared_homes.ENV] = homes_table
     if config.usage.path:
         recovered = recover_spills(config.usage.path)
         if recovered:
@@ -129,6 +133,7 @@ def run_supervisor(config: Config, config_path: str, sock=None) -> int:
         if code != 0:
             failed.append((i, proc.pid, code))
     os.unlink(ratelimit_table)
+    os.unlink(homes_table)
     shutil.rmtree(metrics_dir, ignore_errors=True)
     for i, pid, code in failed:
         logs.event("worker_failed_on_stop", level="error", index=i, pid=pid, code=code)

@@ -161,7 +161,7 @@ async def relay_response(gw, ds: Downstream, ex: Exchange, tier, conn, response,
         if sse:
             try:
                 await ds.send_raw(out + frame(inband_error(
-                    f"The upstream of tier '{tier.name}' failed mid-stream: {failure}.", ex.error_type)))
+                    f"The upstream of tier '{tier.name}' failed mid-stream: {failure}.", ex.error_type, ds.dialect)))
             except ClientGone:
                 pass
         # End without the terminating chunk: the client must see an incomplete response.

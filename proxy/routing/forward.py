@@ -10,6 +10,8 @@ an early SSE head is out -- an in-band error event. Only a vanished client's can
 The loop waits on the requested tier's waker; a fallback tier it hands over that has no waker is
 tried once, its refusal answered as an error (nothing to wait for). One `Watch` (upstream/open.py) follows the
 exchange from the upstream's head to the end of the relay, so a health verdict can end it.
+A `Pin` (a stored Responses API response's home, routing/homes.py) narrows the upstreams tried to one;
+a Responses API answer's id is remembered with the upstream that made it once the relay ends.
 """
 
 from __future__ import annotations
@@ -22,11 +24,13 @@ from proxy.exchange import Exchange
 from proxy.relay.inband import end_stream_with_error
 from proxy.relay.response import relay_response
 from proxy.routing.wake_wait import cap_left_s, wait_for_tier, wake_header
-from proxy.upstream.open import Watch, open_upstream
+from proxy.upstream.open import Pin, Watch, open_upstream
+
+__all__ = ["Pin", "forward_to_tier"]
 
 
 async def forward_to_tier(gw, ds: Downstream, ex: Exchange, tier, request, body: bytes, extra_headers,
-                          tap) -> None:
+                          tap, pin: Pin | None = None) -> None:
     """Send `body` to `tier` (waking it if needed) and relay the answer; sends exactly one response."""
     home = tier
     waker = home.waker
@@ -38,7 +42,7 @@ async def forward_to_tier(gw, ds: Downstream, ex: Exchange, tier, request, body:
                 # The tier to use: this one once ready, or the fallback tier its waker engaged.
                 tier = await wait_for_tier(gw, ds, ex, home, stream=ex.stream, extra_headers=extra_headers)
             try:
-                conn, response = await open_upstream(gw, ex, tier, request, body, watch)
+                conn, response = await open_upstream(gw, ex, tier, request, body, watch, pin)
                 break
             except errors.ApiError as err:
                 # Every upstream refused (each was reported to the waker as it failed): the tier went
@@ -72,3 +76,7 @@ async def forward_to_tier(gw, ds: Downstream, ex: Exchange, tier, request, body:
         extra_headers = (*extra_headers, wh)
     await relay_response(gw, ds, ex, tier, conn, response, extra_headers, tap, head_sent=ex.early_head,
                          watch=watch)
+    if tap is not None and ex.status == 200 and ex.endpoint == "responses":
+        response_id = tap.response_id
+        if response_id is not None and ex.upstream is not None:
+            gw.homes.remember(response_id, tier.name, ex.upstream)

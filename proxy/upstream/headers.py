@@ -3,7 +3,9 @@
 Strategy: one pass over the client's header list to find what changes the rules (`Connection`, the
 forwarding headers), one to copy. Dropped: hop-by-hop headers (RFC 9110 7.6.1) and whatever ANY of
 the client's `Connection` headers names, the framing headers we set ourselves, the client's
-`x-request-id`, and the client's gateway key (`authorization`) -- it never reaches vLLM; the tier's
+`x-request-id`, the client's `origin` (the gateway answers CORS itself: admit/cors.py; vLLM's own
+CORS middleware, allow-all by default, must not add a second answer), and the client's gateway key
+(`authorization`, `x-api-key`) -- it never reaches vLLM; the tier's
 `upstream_api_key` does (`tier.auth_header`). Added: `host`, the body's `content-length`, the
 request id, `x-forwarded-for` and `x-real-ip`.
 Forwarding headers (`x-forwarded-for`, `x-real-ip`, `forwarded`): from a peer that is not in
@@ -24,7 +26,7 @@ import ipaddress
 _DROP_REQUEST = frozenset((
     b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"te", b"trailer",
     b"upgrade", b"proxy-authorization", b"proxy-authenticate", b"host", b"content-length",
-    b"authorization", b"expect", b"x-request-id", b"x-forwarded-for", b"x-real-ip", b"forwarded",
+    b"authorization", b"x-api-key", b"origin", b"expect", b"x-request-id", b"x-forwarded-for", b"x-real-ip", b"forwarded",
 ))
 # From a trusted proxy: its x-real-ip and forwarded pass; its x-forwarded-for is extended (re-added).
 _DROP_TRUSTED = _DROP_REQUEST - {b"x-real-ip", b"forwarded"}

@@ -13,6 +13,9 @@ Health: with the tier's health record (backends/health.py), the exchange registe
 long as it waits on the upstream -- a set add and discard, no task. A sick verdict shuts the upstream
 socket down, so the waiting read sees EOF at once; `watch.killed` tells that EOF from a real one. A
 caller that passes its own `watch` keeps it registered past the head, for the relay (which disarms it).
+A `Pin` names the one upstream ("host:port") that holds a stored response: strict (a retrieve or
+cancel), only it is tried and its absence from the routable list is 404; soft (a continuation), it
+is tried first when routable, then the rest as usual. The method is the client's (GET for a retrieve).
 """
 
 from __future__ import annotations
@@ -28,6 +31,26 @@ from proxy.exchange import Exchange
 from proxy.observe import logs
 from proxy.upstream.connection import UpstreamClosed, UpstreamProtocolError, encode_request
 from proxy.upstream.headers import upstream_headers
+
+
+class Pin:
+    """The upstream a request must (strict) or should (soft) reach."""
+
+    __slots__ = ("response_id", "strict", "upstream")
+
+    def __init__(self, upstream: str, *, strict: bool, response_id: str = "") -> None:
+        self.upstream = upstream
+        self.strict = strict
+        self.response_id = response_id
+
+    def apply(self, pairs: list) -> list:
+        """The candidates (url, address) narrowed or reordered for this pin."""
+        home = [p for p in pairs if f"{p[1][0]}:{p[1][1]}" == self.upstream]
+        if self.strict:
+            if not home:
+                raise errors.unknown_response(self.response_id[:256])
+            return home
+        return home + [p for p in pairs if p not in home] if home else pairs
 
 
 class Watch:
@@ -73,7 +96,8 @@ def report_unreachable(tier, url: str) -> None:
         tier.waker.report_unreachable(url)
 
 
-async def open_upstream(gw, ex: Exchange, tier, request, body: bytes, watch: Watch | None = None):
+async def open_upstream(gw, ex: Exchange, tier, request, body: bytes, watch: Watch | None = None,
+                        pin: Pin | None = None):
     """Send the request to an upstream of `tier`; return (connection, response head). With `watch`,
     it stays registered with the chosen upstream's health record after the head (the caller disarms)."""
     cfg = gw.runtime.config.upstream
@@ -82,8 +106,11 @@ async def open_upstream(gw, ex: Exchange, tier, request, body: bytes, watch: Wat
     target = request.target
     saw_connect_error = saw_reset = False
     keep = watch is not None
-    for url, address in tier.candidates():
-        head = encode_request(b"POST", target, upstream_headers(request.headers, tier, address, ex.request_id,
+    candidates = tier.candidates()
+    if pin is not None:
+        candidates = pin.apply(candidates)
+    for url, address in candidates:
+        head = encode_request(request.method, target, upstream_headers(request.headers, tier, address, ex.request_id,
                                                                  len(body), ex.client, trusted))
         record = tier.health_record(url)
         if record is not None and watch is None:

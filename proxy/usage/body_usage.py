@@ -12,10 +12,26 @@ rest of the body (those megabytes) is never looked at. The search runs on ``{`` 
 small embeddings) switches to searching the key itself. A short answer (all in the window) costs what
 it always did.
 
-vLLM's body holds exactly one ``usage`` key: ``choices`` carry none and have no free-form keys, and
-model output cannot forge one -- inside JSON strings quotes are escaped, so a literal ``"usage"``
-followed by ``:`` can only be a key (``"usage"`` as a whole string value, ``"content":"usage"``, is not
-followed by ``:`` and is passed over).
+A chat or completions body holds exactly one ``usage`` key: ``choices`` carry none and have no
+free-form keys, and model output cannot forge one -- inside JSON strings quotes are escaped, so a
+literal ``"usage"`` followed by ``:`` can only be a key (``"usage"`` as a whole string value,
+``"content":"usage"``, is not followed by ``:`` and is passed over). An object under a ``usage`` key that
+carries no count (`to_usage` None), or does not decode as one, is not usage and the search goes on past
+it: a Responses body echoes the request's ``tools``, whose JSON schemas may hold a property named
+``usage``.
+
+Those echoed schemas (and Anthropic ``tool_use`` inputs, model-written objects) come BEFORE the real
+usage and are free-form: a client can put a complete ``"usage":{"input_tokens":0}`` there. So for the
+Responses API and Anthropic Messages, whose real usage is the last top-level member but a few (and
+nothing client-shaped follows it), ``BodyTail(last=True)`` keeps searching and takes the LAST usage
+object in the body instead of the first. It reads every byte then (same search, same speed, just no
+early stop). A later ``"usage":null`` does not undo an earlier object in that mode (vLLM always reports
+usage in those bodies).
+
+``response_id``: the top-level ``"id"`` string when the body is a JSON object whose first member is
+``id`` (vLLM's Response object ``{"id":"resp_...``; its Anthropic message ``{"id":"chatcmpl-...`` -- vLLM
+reuses the chat completion's id there), read from the first `_ID_SPAN` bytes and never past them. Only
+printable ASCII (no quote or backslash), 1-256 characters, is taken; anything else is None.
 
 Measured (one tap over the whole body, CPython 3.11; the old 4 KiB tail / a msgspec decode of a Struct
 with only ``usage``, which skips the other fields but needs the whole body held and joined / this):
@@ -26,6 +42,8 @@ prompt_logprobs: missed / 5350 / 12-15 us; a 500 KB brace-dense JSON answer 8 / 
 """
 
 from __future__ import annotations
+
+import re
 
 import msgspec
 
@@ -43,8 +61,24 @@ _WS = b" \t\r\n"
 
 # What `_usage_at` found at a key.
 _MORE = 0  # the buffer ends before the answer is known
-_NO = 1  # not a usage object (a string value "usage", "usage": null, too long, not JSON)
+_NO = 1  # no object there (a string value "usage", "usage": null), or one too long
 _YES = 2
+_SKIP = 3  # a complete object that is not usage (no counts, or not a usage shape): look further
+
+_ID_SPAN = 512  # the response id is looked for in the first bytes only
+_ID = re.compile(rb'\s*\{\s*"id"\s*:\s*"([\x20\x21\x23-\x5b\x5d-\x7e]{1,256})"')
+# A head that may still become the match above once more bytes arrive.
+_ID_OPEN = re.compile(rb'\s*(?:\{\s*(?:"(?:i(?:d(?:"\s*(?::\s*(?:"[\x20\x21\x23-\x5b\x5d-\x7e]{0,256})?)?)?)?)?)?)?')
+
+
+def first_id(head: bytes) -> tuple[bool, str | None]:
+    """(decided, the id) for the first bytes of a body: decided once the id is read or cannot be."""
+    m = _ID.match(head)
+    if m is not None:
+        return True, m.group(1).decode("ascii")
+    if len(head) >= _ID_SPAN or _ID_OPEN.fullmatch(head) is None:
+        return True, None
+    return False, None
 
 
 def _usage_at(buf: bytes, k: int) -> tuple[int, Usage | None]:
@@ -69,9 +103,10 @@ def _usage_at(buf: bytes, k: int) -> tuple[int, Usage | None]:
     if end < 0:
         return (_MORE if len(window) < _CAP else _NO), None
     try:
-        return _YES, to_usage(usage_decoder.decode(window[:end]))
+        usage = to_usage(usage_decoder.decode(window[:end]))
     except msgspec.DecodeError:
-        return _NO, None
+        return _SKIP, None
+    return (_SKIP, None) if usage is None else (_YES, usage)
 
 
 def _key_before(buf: bytes, i: int) -> int:
@@ -92,7 +127,8 @@ def usage_from_body(body_tail: bytes) -> Usage | None:
     """vLLM's ``usage`` object from the end of a non-streaming JSON answer (or the whole answer).
 
     Finds the last ``"usage"`` key followed by ``:`` and decodes only the object after it, so a long
-    completion is never decoded. Returns None when the tail holds no complete usage object.
+    completion is never decoded; an object there that is not usage is passed over (the one before it
+    is looked at). Returns None when the tail holds no complete usage object.
     """
     pos = len(body_tail)
     while True:
@@ -102,6 +138,9 @@ def usage_from_body(body_tail: bytes) -> Usage | None:
         state, usage = _usage_at(body_tail, k)
         if state == _YES:
             return usage
+        if state == _SKIP:
+            pos = k
+            continue
         j = k + 7
         while j < len(body_tail) and body_tail[j] in _WS:
             j += 1
@@ -168,19 +207,29 @@ def _object_end_slow(buf: bytes, start: int) -> int:
 
 class BodyTail:
     """The tap for a non-streaming answer: passes bytes through untouched and reads vLLM's ``usage``
-    object wherever it is (see the module docstring); keeps at most `_KEEP` + `_LOOK` bytes."""
+    object wherever it is (see the module docstring); keeps at most `_KEEP` + `_LOOK` bytes (and the
+    first `_ID_SPAN` while the response id is undecided).
 
-    __slots__ = ("_done", "_edge", "_tail", "events", "usage")
+    ``last=False`` (chat, completions, embeddings): the first usage object ends the search.
+    ``last=True`` (Responses API, Anthropic Messages): the last one in the body is taken.
+    """
+
+    __slots__ = ("_done", "_edge", "_head", "_last", "_tail", "events", "response_id", "usage")
     rewrites = False
 
-    def __init__(self) -> None:
+    def __init__(self, *, last: bool = False) -> None:
         self.usage: Usage | None = None
+        self.response_id: str | None = None
         self.events = 0
+        self._last = last
         self._done = False
+        self._head: bytes | None = b""  # the first bytes, while the response id is undecided
         self._tail = b""  # the last bytes seen, up to _KEEP (not searched yet)
         self._edge = b""  # the last _LOOK bytes before the window (searched already)
 
     def feed(self, data: bytes) -> bytes:
+        if self._head is not None:
+            self._take_id(data)
         if self._done:
             return data
         tail = self._tail
@@ -203,20 +252,34 @@ class BodyTail:
         self._tail = data[cut:]
         return data
 
+    def _take_id(self, data: bytes) -> None:
+        head = self._head + data[: _ID_SPAN - len(self._head)]
+        decided, found = first_id(head)
+        if decided:
+            self.response_id = found
+            self._head = None
+        else:
+            self._head = head
+
     def _evict(self, buf: bytes, cut: int) -> bool:
-        """buf[:cut] leaves the window: search it (an object that starts there may end past it)."""
+        """buf[:cut] leaves the window: search it (an object that starts there may end past it).
+        True when the search is over (the first usage object found, in first mode)."""
         usage = self._search(buf, cut)
         if usage is not None:
             self.usage = usage
-            self._done = True
-            self._tail = self._edge = b""
-            return True
+            if not self._last:
+                self._done = True
+                self._tail = self._edge = b""
+                return True
         self._edge = buf[cut - _LOOK : cut] if cut >= _LOOK else (self._edge + buf[:cut])[-_LOOK:]
         return False
 
     def finish(self) -> bytes:
+        self._head = None  # an undecided id at the end: the body ended inside it
         if not self._done:
-            self.usage = usage_from_body(self._edge + self._tail)
+            usage = usage_from_body(self._edge + self._tail)
+            if usage is not None or not self._last:
+                self.usage = usage
             self._done = True
         self._tail = self._edge = b""
         return b""
@@ -225,6 +288,7 @@ class BodyTail:
         find = buf.find
         i = find(b"{", 0, cut)
         seen = 0
+        found = None
         while i >= 0:
             if i < _LOOK and self._edge:
                 # The key may start in the bytes before this region.
@@ -236,20 +300,26 @@ class BodyTail:
             if k >= 0:
                 state, usage = _usage_at(look, k)
                 if state == _YES:
-                    return usage
+                    if not self._last:
+                        return usage
+                    found = usage
             seen += 1
             if not seen % _DENSE and i < seen * _GAP:
-                return self._search_keys(buf, max(0, i - _LOOK), cut)
+                more = self._search_keys(buf, max(0, i - _LOOK), cut)
+                return found if more is None else more
             i = find(b"{", i + 1, cut)
-        return None
+        return found
 
     def _search_keys(self, buf: bytes, start: int, cut: int) -> Usage | None:
         # A brace-dense region: look for the key itself (keys that start before `cut`).
         find = buf.find
+        found = None
         k = find(_KEY, start, cut + len(_KEY) - 1)
         while k >= 0:
             state, usage = _usage_at(buf, k)
             if state == _YES:
-                return usage
+                if not self._last:
+                    return usage
+                found = usage
             k = find(_KEY, k + 1, cut + len(_KEY) - 1)
-        return None
+        return found

@@ -2,7 +2,13 @@
 
 Strategy: vLLM's `UsageInfo` has an optional `completion_tokens` (embeddings carry none at all) and may
 omit `total_tokens`; `Usage` is always complete (missing counts are 0, a missing total is the sum).
-Both taps decode into `RawUsage` and convert with `to_usage`.
+The Responses API (``ResponseUsage``) and Anthropic Messages (``AnthropicUsage``) name the same counts
+``input_tokens`` / ``output_tokens``; `RawUsage` takes both spellings and the chat names win where both
+are present. Every tap decodes into `RawUsage` and converts with `to_usage`.
+
+An object carrying none of the five counts is not usage: `to_usage` returns None and every caller
+treats that as "not found, keep looking". A Responses body echoes the request's ``tools``, whose JSON
+schemas may well have a property named ``usage`` (``"usage":{"type":"object"}``) before the real one.
 """
 
 from __future__ import annotations
@@ -23,13 +29,21 @@ class RawUsage(msgspec.Struct):
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     total_tokens: int | None = None
+    # The Responses API's ResponseUsage and Anthropic's usage object.
+    input_tokens: int | None = None
+    output_tokens: int | None = None
 
 
 usage_decoder = msgspec.json.Decoder(RawUsage)
 
 
-def to_usage(raw: RawUsage) -> Usage:
-    p = raw.prompt_tokens or 0
-    c = raw.completion_tokens or 0
-    t = raw.total_tokens if raw.total_tokens is not None else p + c
-    return Usage(prompt_tokens=p, completion_tokens=c, total_tokens=t)
+def to_usage(raw: RawUsage) -> Usage | None:
+    """Our `Usage` from a decoded usage object; None when it carries no count at all (not usage)."""
+    p = raw.prompt_tokens if raw.prompt_tokens is not None else raw.input_tokens
+    c = raw.completion_tokens if raw.completion_tokens is not None else raw.output_tokens
+    t = raw.total_tokens
+    if p is None and c is None and t is None:
+        return None
+    p = p or 0
+    c = c or 0
+    return Usage(prompt_tokens=p, completion_tokens=c, total_tokens=t if t is not None else p + c)

@@ -1,6 +1,6 @@
 """The usage row of one finished request, for the usage log (log.py): the billing record.
 
-Strategy: one row per billed request (chat, completions, embeddings; whatever its status), with
+Strategy: one row per billed request (`BILLED`: every endpoint that makes vLLM compute; whatever its status), with
 vLLM's own token counts as the taps read them, the key's name and the timings. When vLLM's count
 never came, the row carries what the request was settled at (usage/taps.py `settlement`: a stream's
 counted events, else the up-front charge) and says so (`estimated`). Requests the gateway answers
@@ -13,7 +13,10 @@ from proxy.exchange import Exchange
 from proxy.usage.log import UsageRow
 from proxy.usage.taps import settlement
 
-BILLED = frozenset(("chat", "completions", "embeddings"))
+# Every route that makes an upstream compute (count_tokens, tokenize and detokenize do not; a stored
+# response's retrieve or cancel is not new work).
+BILLED = frozenset(("chat", "completions", "embeddings", "responses", "messages", "transcriptions",
+                    "translations", "rerank", "score", "pooling", "classify"))
 
 
 def usage_row(ex: Exchange) -> UsageRow | None:

@@ -241,7 +241,10 @@ class SseUsageTap:
             return False
         if chunk.choices is None or chunk.choices or chunk.usage is None:
             return False
-        self.usage = to_usage(chunk.usage)
+        usage = to_usage(chunk.usage)
+        if usage is None:
+            return False  # no counts in it: not the usage event
+        self.usage = usage
         return True
 
     def _count(self, line: bytes) -> None:

@@ -1,7 +1,9 @@
 """Which usage tap watches a response, what it found, and what the request is settled and recorded at.
 
 Strategy: a non-streamed answer is watched by `BodyTail` (the first top-level ``usage`` object, read
-as the bytes go by). A stream is watched by `SseUsageTap`; vLLM reports a stream's counts only when
+as the bytes go by). A Responses API or Anthropic Messages stream (the view's ``api``) is watched by
+`EventUsageTap`: those APIs always report usage in their last events, so nothing is asked or removed.
+A chat or completions stream is watched by `SseUsageTap`; vLLM reports a stream's counts only when
 asked (`stream_options.include_usage`), so the gateway makes sure the request asks (include_usage.py,
 decided from the decoded view, never from a byte search) and, when the client itself did not ask, the
 tap removes the answer again, so the client sees exactly the stream it asked for.
@@ -17,14 +19,21 @@ from __future__ import annotations
 
 from proxy.exchange import Exchange
 from proxy.usage.body_usage import BodyTail
+from proxy.usage.event_tap import EventUsageTap
 from proxy.usage.include_usage import ask_for_usage, client_asked
 from proxy.usage.sse_tap import SseUsageTap
 
 
-def choose_tap(view, body: bytes) -> tuple[bytes, SseUsageTap | BodyTail]:
+def choose_tap(view, body: bytes) -> tuple[bytes, SseUsageTap | BodyTail | EventUsageTap]:
     """(the body to send upstream, the tap for its response)."""
     if not view.stream:
         return body, BodyTail()
+    api = view.api
+    if api != "chat":
+        prompt = view.estimate_prompt_tokens(len(body))
+        if api == "plain":  # audio's stream: chat-shaped chunks, usage only if the client asked
+            return body, SseUsageTap(strip_usage_chunk=False, prompt_estimate=prompt)
+        return body, EventUsageTap(api, prompt_estimate=prompt)
     opts = view.stream_options
     asked = client_asked(opts)
     prompt = view.estimate_prompt_tokens(len(body))

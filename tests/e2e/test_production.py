@@ -45,7 +45,7 @@ def test_mixed_traffic_leaves_one_exact_usage_row_per_request(tmp_path):
     keys_file = tmp_path / "keys.toml"
     secret = add_key(keys_file, "alice")
     db = tmp_path / "usage.sqlite3"
-    with sim(tmp_path, "--tokens-per-s", "200") as up:
+    with sim(tmp_path, "--tokens-per-s", "200", "--enable-auto-tool-choice", "--tool-call-parser", "hermes") as up:
         cfg = write_config(tmp_path, up.url, keys_file=keys_file, usage_db=db)
         with gateway(cfg) as gw:
             c = client(gw, secret)

@@ -37,7 +37,7 @@ async def sdk(fn, *args, **kwargs):
 
 @pytest.fixture
 async def open_gateway(nursery):
-    sim, url = await start_sim(nursery)
+    sim, url = await start_sim(nursery, enable_auto_tool_choice=True, tool_call_parser="hermes")
     gw = await start_gateway(nursery, make_config([url]))
     return sim, gw
 

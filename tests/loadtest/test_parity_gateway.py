@@ -35,7 +35,8 @@ async def test_gateway_and_direct_upstream_are_identical(tmp_path: Path) -> None
     report_path = tmp_path / "report.json"
     with trio.fail_after(90):
         async with trio.open_nursery() as nursery:
-            options = sim_server.SimOptions(models=("sim-chat",), tokens_per_s=2000.0, ttft_ms=5.0)
+            options = sim_server.SimOptions(models=("sim-chat",), tokens_per_s=2000.0, ttft_ms=5.0,
+                                                  enable_auto_tool_choice=True, tool_call_parser="hermes")
             host, port = await nursery.start(sim_server.SimServer(options).serve, "127.0.0.1", 0)
             direct = f"http://{host}:{port}"
             config = tmp_path / "gateway.toml"

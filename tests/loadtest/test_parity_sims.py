@@ -34,7 +34,8 @@ def _golden(tmp_path: Path) -> Path:
 
 
 async def _start(nursery: trio.Nursery, **opts: object) -> str:
-    options = sim_server.SimOptions(models=("sim-chat",), tokens_per_s=2000.0, **opts)
+    options = sim_server.SimOptions(models=("sim-chat",), tokens_per_s=2000.0, enable_auto_tool_choice=True,
+                                    tool_call_parser="hermes", **opts)
     host, port = await nursery.start(sim_server.SimServer(options).serve, "127.0.0.1", 0)
     return f"http://{host}:{port}"
 

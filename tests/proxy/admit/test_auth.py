@@ -13,7 +13,7 @@ from proxy.admit import keys
 from proxy.admit.auth import authenticate
 from proxy.parse.request import RequestReader
 
-MISSING = "Missing API key. Pass it as 'Authorization: Bearer <key>'."
+MISSING = "Missing API key. Pass it as 'Authorization: Bearer <key>' (or 'x-api-key: <key>')."
 WRONG = "Incorrect API key provided."
 
 
@@ -55,9 +55,23 @@ def test_a_valid_key_returns_its_record(store):
 
 def test_missing_header_is_401(store):
     ks, *_ = store
-    rec, err = authenticate(ks, headers(b"X-Api-Key: nope"))
+    rec, err = authenticate(ks, headers(b"X-Other: nope"))
     assert rec is None
     assert_401(err, MISSING)
+
+
+def test_x_api_key_is_the_anthropic_sdks_header(store):
+    ks, alice, bob, _ = store
+    rec, err = authenticate(ks, headers(b"X-Api-Key: " + alice.encode()))
+    assert err is None and rec.name == "alice"
+    rec, err = authenticate(ks, headers(b"X-Api-Key: nope"))
+    assert rec is None
+    assert_401(err, "Incorrect API key provided.")
+    # A non-bearer Authorization (a proxy's Basic) does not hide a usable x-api-key.
+    rec, err = authenticate(ks, headers(b"Authorization: Basic eDp5", b"X-Api-Key: " + bob.encode()))
+    assert err is None and rec.name == "bob"
+    rec, err = authenticate(ks, headers(b"X-Api-Key: ", b"Authorization: Bearer " + bob.encode()))
+    assert err is None and rec.name == "bob"
 
 
 @pytest.mark.parametrize("value", [

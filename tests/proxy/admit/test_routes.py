@@ -134,7 +134,7 @@ async def test_401_before_the_handler_runs(tmp_path):
         raw, _ds, _ = await serve_one(gw, req)
     assert raw.startswith(b"HTTP/1.1 401 Unauthorized\r\n")
     _status, headers, body = split_response(raw)
-    assert error_of(body) == {"message": "Missing API key. Pass it as 'Authorization: Bearer <key>'.",
+    assert error_of(body) == {"message": "Missing API key. Pass it as 'Authorization: Bearer <key>' (or 'x-api-key: <key>').",
                               "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}
     assert headers["connection"] == "close"  # the body was never read
     [ex] = gw.finished

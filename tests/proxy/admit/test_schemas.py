@@ -136,7 +136,7 @@ def test_chat_view_fields():
                             messages=[USER, {"role": "assistant", "tool_calls": [TOOL_CALL]},
                                       {"role": "tool", "tool_call_id": "call_1", "content": "x"}]))
     assert (view.stream, view.include_usage, view.n, view.temperature) == (True, True, 2, 0.5)
-    assert view.max_output_tokens() == 10
+    assert view.output_limit() == 10
     assert [type(m) for m in view.messages] == [UserMessage, AssistantMessage, ToolMessage]
     assert type(view.tool_choice) is NamedToolChoice and view.tools[0].function.name == "get_weather"
     assert view.estimate_prompt_tokens(4000) == 1000
@@ -162,7 +162,7 @@ def test_include_usage(fields, expected):
      ({"max_tokens": 5, "max_completion_tokens": 7}, 7)],
 )
 def test_chat_max_output_tokens(fields, expected):
-    assert decode_chat(chat(**fields)).max_output_tokens() == expected
+    assert decode_chat(chat(**fields)).output_limit() == expected
 
 
 def test_stream_null_is_false():
@@ -351,9 +351,9 @@ def test_completion_accepted(body):
 
 def test_completion_view_fields():
     view = decode_completion(completion(max_tokens=32, stream=True))
-    assert (view.stream, view.include_usage, view.max_output_tokens()) == (True, False, 32)
+    assert (view.stream, view.include_usage, view.output_limit()) == (True, False, 32)
     assert bytes(view.prompt) == b'"Once upon"'
-    assert decode_completion(completion()).max_output_tokens() is None
+    assert decode_completion(completion()).output_limit() is None
 
 
 COMPLETION_REJECTED = [
@@ -410,7 +410,7 @@ EMBEDDING_ACCEPTED = {
 def test_embedding_accepted(body):
     view = decode_embedding(body)
     assert isinstance(view, EmbeddingView) and view.model == "m"
-    assert (view.stream, view.include_usage, view.max_output_tokens()) == (False, False, None)
+    assert (view.stream, view.include_usage, view.output_limit()) == (False, False, None)
     assert view.estimate_prompt_tokens(len(body)) == len(body) // 4
 
 

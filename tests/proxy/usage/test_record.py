@@ -56,10 +56,13 @@ def alice(tmp_path):
 
 
 def test_billed_endpoints():
-    assert BILLED == {"chat", "completions", "embeddings"}
+    # Every route that makes vLLM compute; not what costs no GPU time or is not new work.
+    assert BILLED == {"chat", "completions", "embeddings", "responses", "messages", "transcriptions",
+                      "translations", "rerank", "score", "pooling", "classify"}
 
 
-@pytest.mark.parametrize("endpoint", ["models", "healthz", "metrics", "unknown", ""])
+@pytest.mark.parametrize("endpoint", ["models", "healthz", "metrics", "unknown", "", "count_tokens", "tokenize",
+                                      "detokenize", "response", "response_cancel", "version", "preflight"])
 def test_unbilled_endpoints_get_no_row(endpoint):
     ex = exchange(endpoint)
     ex.status = 200
