@@ -292,3 +292,28 @@ def test_a_crash_loop_backs_off_counts_restarts_and_the_port_keeps_serving(tmp_p
             samples = scrape(gw.url)["spotinference_worker_restarts_total"]
             assert sum(samples.values()) == 4
             assert gw.stop() == 0
+
+
+# -- stored Responses API responses: a retrieve finds its upstream whichever worker takes it -----------
+
+def test_a_response_made_on_one_worker_is_retrieved_through_the_other(tmp_path):
+    with sim(tmp_path) as a, sim(tmp_path) as b:
+        cfg = tmp_path / "gw.toml"
+        cfg.write_text('[server]\nlisten = "127.0.0.1:0"\n[[tiers]]\nname = "local"\n'
+                       f'upstreams = ["{a.url}", "{b.url}"]\nmodels = ["sim-chat"]\n')
+        with gateway(cfg, "--workers", "2") as gw:
+            ready(gw, 2)
+            made: list[tuple[str, str]] = []  # (response id, worker that relayed the create)
+            for _ in range(40):  # fresh connections until both workers made some (bounded)
+                raw = client(gw).responses.with_raw_response.create(model="sim-chat", input="hi", max_output_tokens=2)
+                made.append((raw.parse().id, worker_of(raw.headers["x-request-id"])))
+                if len(made) >= 6 and len({w for _, w in made}) == 2:
+                    break
+            assert len({w for _, w in made}) == 2, "SO_REUSEPORT never spread the connections"
+            crossed = 0
+            for rid_, creator in made:
+                for _ in range(8):  # fresh connections: some land on the other worker
+                    raw = client(gw).responses.with_raw_response.retrieve(rid_)
+                    assert raw.parse().id == rid_  # never a 404, whichever worker answered
+                    crossed += worker_of(raw.headers["x-request-id"]) != creator
+            assert crossed > 0

@@ -57,7 +57,8 @@ def test_quick_mode_runs_clean_and_reports(tmp_path):
 
     rows = {row["id"]: row for row in report["rows"]}
     expected = {"chat_c1", "chat_c16", "chat_open100", "ttfb_c1", "ttfb_open100", "sse_20", "sat_chat",
-                "sat_sse", "streams_1000", "idle_10k"}
+                "sat_sse", "streams_1000", "idle_10k", "sse_responses_20", "sse_messages_20",
+                "sat_sse_responses", "sat_sse_messages"}
     assert expected <= set(rows)
     for row in rows.values():
         assert row["errors"] == 0, row["id"]
@@ -79,6 +80,8 @@ def test_quick_mode_runs_clean_and_reports(tmp_path):
     # CPU accounting of the gateway came back for requests and for relayed events.
     assert rows["chat_c1"]["targets"]["gateway"]["cpu_us_per_req"] is not None
     assert rows["sse_20"]["targets"]["gateway"]["cpu_us_per_event"] is not None
+    for api in ("responses", "messages"):  # the other streaming APIs, side by side with chat's
+        assert rows[f"sat_sse_{api}"]["targets"]["gateway"]["cpu_us_per_event"] is not None
     idle = rows["idle_10k"]["idle"]
     assert idle["opened"] == idle["requested"] == idle["open_at_end"]
     assert idle["rss_bytes_per_conn"] is not None

@@ -9,6 +9,7 @@ client got, byte for byte.
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 import trio
 
@@ -16,7 +17,9 @@ from proxy import errors
 from proxy.config import TierConfig
 from proxy.relay.inband import inband_error
 from proxy.routing.forward import forward_to_tier
+from proxy.usage.event_tap import EventUsageTap
 from proxy.usage.sse_tap import SseUsageTap
+from tests.support.gateway import split_response
 from tests.support.upstream_kit import (
     BODY,
     DONE,
@@ -181,3 +184,46 @@ async def test_a_client_gone_before_the_error_is_not_an_error(dead_upstream):
     await forward(gw, tier, ds, request, ex)
     assert ds.client_gone and ex.status == 503
     ds.sock.close()
+
+
+# -- the other APIs while a tier wakes: the same wait, each API's own error shape ---------------------------
+
+MSG_START = (b'event: message_start\ndata: {"type":"message_start","message":{"id":"m1","usage":'
+             b'{"input_tokens":3,"output_tokens":1}}}\n\n')
+MSG_DELTA = b'event: message_delta\ndata: {"type":"message_delta","usage":{"output_tokens":4}}\n\n'
+
+
+async def test_a_messages_stream_waits_with_heartbeats_and_counts_its_usage(nursery, wake_clock):
+    server = FakeUpstream(answer(SSE_UP + chunk(MSG_START + MSG_DELTA) + b"0\r\n\r\n"))
+    url = await server.start(nursery)
+    waker = FakeWaker([url])
+    gw, tier, ds, peer, request, ex = setup([url], waker=waker, stream=True)
+    ds.dialect = ex.dialect = errors.ANTHROPIC
+    nursery.start_soon(at(9, waker.become_ready))
+    await forward(gw, tier, ds, request, ex, tap=EventUsageTap("messages"))
+    assert await received(ds, peer) == HEAD + WAKING + chunk(MSG_START + MSG_DELTA) + b"0\r\n\r\n"
+    assert (ex.status, ex.wake_ms, ex.prompt_tokens, ex.completion_tokens) == (200, 9000, 3, 4)
+
+
+@pytest.mark.parametrize("dialect", [errors.ANTHROPIC, errors.RESPONSES])
+async def test_a_waiting_stream_at_the_cap_ends_in_its_apis_error_event(wake_clock, dialect):
+    waker = FakeWaker(["http://127.0.0.1:9"])
+    gw, tier, ds, peer, request, ex = setup(["http://127.0.0.1:9"], waker=waker, stream=True)
+    ds.dialect = ex.dialect = dialect
+    await forward(gw, tier, ds, request, ex)
+    event = inband_error("Tier 'local' did not become ready within the wake hard cap (60 s).", "wake_timeout",
+                         dialect)
+    assert event.startswith(b"event: error\ndata: ")
+    assert await received(ds, peer) == HEAD + WAKING * 8 + chunk(event)
+    assert (ex.status, ex.error_type) == (504, "wake_timeout")
+
+
+async def test_a_waiting_messages_request_at_the_cap_is_504_api_error_not_to_be_retried(wake_clock):
+    waker = FakeWaker(["http://127.0.0.1:9"])
+    gw, tier, ds, peer, request, ex = setup(["http://127.0.0.1:9"], waker=waker)
+    ds.dialect = ex.dialect = errors.ANTHROPIC
+    await forward(gw, tier, ds, request, ex)
+    status, headers, body = split_response(await received(ds, peer))
+    assert status == 504 and headers["x-should-retry"] == "false"
+    assert msgspec.json.decode(body) == {"type": "error", "error": {
+        "type": "api_error", "message": "Tier 'local' did not become ready within the wake hard cap (60 s)."}}
