@@ -34,10 +34,14 @@ The grammar held to (RFC 2046 5.1.1, RFC 7578):
 Measured (CPython 3.11 on the 2-core development machine, best of 10): a 25 MiB httpx-encoded
 transcription body (file, model, stream, response_format) scans in about 5 ms, random audio bytes or
 a file dense with CRLF and dashes alike, nearly all of it the one delimiter search; nothing of the
-file is copied (the tests hold a 10 MB file part to under 100 KB allocated).
+file is copied (the tests hold a 10 MB file part to under 100 KB allocated). The headers are walked
+with regexes, never a Python step per byte: the worst case the bounds allow, 64 parts each with an
+8 KiB Content-Disposition full of backslash escapes, takes about 30 ms (8 ms for plain 8 KiB headers).
 """
 
 from __future__ import annotations
+
+import re
 
 from proxy import errors
 
@@ -49,10 +53,17 @@ CODE = "invalid_multipart"
 
 _DIGITS_ALPHA = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 _BCHARS = frozenset(_DIGITS_ALPHA + b"'()+_,-./:=? ")
-_TCHARS = frozenset(_DIGITS_ALPHA + b"!#$%&'*+-.^_`|~")
 _OWS = b" \t"
-_CTL = frozenset(range(0x20)) - {0x09} | {0x7F}
 _IDENTITY = (b"7bit", b"8bit", b"binary")
+_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+# One parameter: OWS ; OWS name = (quoted-string | token); a quoted string's backslash escapes any byte.
+_PARAM = re.compile(rb"[ \t]*;[ \t]*(" + _TOKEN + rb')=(?:"([^"\\]*(?:\\.[^"\\]*)*)"|(' + _TOKEN + rb"))",
+                    re.DOTALL)
+_NAME_EQ = re.compile(rb"(" + _TOKEN + rb")=")
+_OWS_RUN = re.compile(rb"[ \t]*")
+_UNESCAPE = re.compile(rb"\\(.)", re.DOTALL)
+_HEADER_NAME = re.compile(_TOKEN)
+_CTL_RE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _HEX = frozenset(b"0123456789ABCDEFabcdef")
 
 
@@ -75,56 +86,46 @@ def _bad(what: str, param: str | None = None) -> errors.ApiError:
 
 def _params(value: bytes, i: int, where: str) -> dict[bytes, bytes | tuple[bytes]]:
     """``; name=value`` parameters from value[i:]: lowercased name -> the value (a quoted string
-    unquoted), or a 1-tuple holding a token value. Refuses bad syntax and a parameter given twice."""
+    unquoted), or a 1-tuple holding a token value. Refuses bad syntax and a parameter given twice.
+    Regexes do the walking (C speed: a header block is at most `MAX_HEADERS` bytes, but 64 of them)."""
     out: dict[bytes, bytes | tuple[bytes]] = {}
     n = len(value)
     while True:
-        while i < n and value[i] in _OWS:
-            i += 1
-        if i == n:
-            return out
-        if value[i] != 59:  # ';'
-            raise _bad(f"unexpected {chr(value[i])!r} in the {where} header")
-        i += 1
-        while i < n and value[i] in _OWS:
-            i += 1
-        if i == n:
-            return out  # a trailing ';' (seen from real clients; harmless)
-        start = i
-        while i < n and value[i] in _TCHARS:
-            i += 1
-        name = value[start:i].lower()
-        if not name or i == n or value[i] != 61:  # '='
-            raise _bad(f"a parameter of the {where} header is not name=value")
-        i += 1
-        if i < n and value[i] == 34:  # '"': a quoted string
-            i += 1
-            buf = bytearray()
-            while True:
-                if i >= n:
-                    raise _bad(f"an unterminated quoted string in the {where} header")
-                c = value[i]
-                if c == 34:
-                    i += 1
-                    break
-                if c == 92:  # backslash: the next byte as itself
-                    i += 1
-                    if i >= n:
-                        raise _bad(f"an unterminated quoted string in the {where} header")
-                    c = value[i]
-                buf.append(c)
-                i += 1
-            got: bytes | tuple[bytes] = bytes(buf)
-        else:
-            start = i
-            while i < n and value[i] in _TCHARS:
-                i += 1
-            if i == start:
-                raise _bad(f"the {where} parameter {name.decode('latin-1')!r} has no value")
-            got = (value[start:i],)
+        m = _PARAM.match(value, i)
+        if m is None:
+            i = _OWS_RUN.match(value, i).end()
+            if i == n:
+                return out
+            if value[i] != 59:  # ';'
+                raise _bad(f"unexpected {chr(value[i])!r} in the {where} header")
+            i = _OWS_RUN.match(value, i + 1).end()
+            if i == n:
+                return out  # a trailing ';' (seen from real clients; harmless)
+            eq = _NAME_EQ.match(value, i)
+            if eq is None:
+                raise _bad(f"a parameter of the {where} header is not name=value")
+            if value.startswith(b'"', eq.end()):
+                raise _bad(f"an unterminated quoted string in the {where} header")
+            shown = eq.group(1).lower().decode("latin-1")
+            raise _bad(f"the {where} parameter {shown!r} has no value")
+        name = m.group(1).lower()
+        quoted = m.group(2)
+        got: bytes | tuple[bytes] = _unquote(quoted) if quoted is not None else (m.group(3),)
         if name in out:
             raise _bad(f"the {where} parameter {name.decode('latin-1')!r} is given twice")
         out[name] = got
+        i = m.end()
+
+
+def _unquote(q: bytes) -> bytes:
+    """A quoted string's content with its backslash escapes undone (each backslash takes the next byte
+    as itself), without a Python step per escape: backslash pairs become NUL (never in a header value,
+    whose controls are refused), lone backslashes go, NUL becomes a backslash again."""
+    if b"\\" not in q:
+        return q
+    if b"\x00" in q:
+        return _UNESCAPE.sub(lambda m: m.group(1), q)
+    return q.replace(b"\\\\", b"\x00").replace(b"\\", b"").replace(b"\x00", b"\\")
 
 
 def _plain(v: bytes | tuple[bytes]) -> bytes:
@@ -193,9 +194,9 @@ def _headers(block: bytes, index: int) -> tuple[bytes, dict, bytes | None]:
         if b"\n" in line or b"\r" in line:
             raise _bad(f"part {index}'s headers have a bare LF or CR (line ends must be CRLF)")
         name, colon, value = line.partition(b":")
-        if not colon or not name or any(c not in _TCHARS for c in name):
+        if not colon or _HEADER_NAME.fullmatch(name) is None:
             raise _bad(f"part {index} has a malformed header line")
-        if any(c in _CTL for c in value):
+        if _CTL_RE.search(value) is not None:
             raise _bad(f"part {index} has a control character in a header")
         lname = name.lower()
         value = value.strip(_OWS)

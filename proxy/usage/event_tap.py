@@ -45,7 +45,9 @@ in sse_tap.py).
   whole up to `_HOLD_CAP` (past it the event is given up, nothing counted) and decoded once complete.
   Input tokens: the last ``message_delta``'s ``usage.input_tokens`` when it has them (vLLM's does),
   else ``message_start``'s ``message.usage.input_tokens``; output tokens: the last ``message_delta``'s
-  ``usage.output_tokens``, or ``message_start``'s when no ``message_delta`` came. ``response_id``:
+  ``usage.output_tokens``. Until a ``message_delta`` comes there is no usage: a stream cut after
+  ``message_start`` is settled as an estimate (taps.py: ``prompt_estimate`` -- set from
+  ``message_start``'s input tokens, which are vLLM's own -- plus one token per delta event). ``response_id``:
   ``message_start``'s ``message.id`` (vLLM's is the chat completion's id, ``chatcmpl-...``, not
   ``msg_...``).
 * ``events``: the delta events, the basis of an estimate when usage never arrives (about one per
@@ -57,11 +59,12 @@ Invalid JSON, an ``error`` event, an unknown type, a line without a newline at t
 exception; at worst no usage (and the estimate).
 
 Measured (CPython 3.11 on the 2-core development machine, `feed` of one whole event per call,
-vLLM's shapes, best of 7): SseUsageTap on a 208-byte chat chunk (``"usage":null``), for comparison,
-4.4 us per event stripping or keeping; a 210-byte Responses ``response.output_text.delta`` event
-(``event:`` line and all) 3.8 us; a 117-byte Anthropic ``content_block_delta`` 4.1 us; the Responses
-delta without its ``event:`` line (the regexes) 5.4 us. Most of it is the line loop itself (3.7 us for
-the three lines of an event with nothing done). A ``response.completed`` event with 10 MB of output
+vLLM's shapes, best of 7, three runs as the machine's load varied): SseUsageTap on a 208-byte chat
+chunk (``"usage":null``), for comparison, 4.4-5.5 us per event stripping or keeping; a 210-byte
+Responses ``response.output_text.delta`` event (``event:`` line and all) 3.8-4.4 us; a 117-byte
+Anthropic ``content_block_delta`` 4.1-4.2 us; the Responses delta without its ``event:`` line (the
+regexes) 5.4-6.9 us. Most of it is the line loop itself (3.7 us for the three lines of an event with
+nothing done). A ``response.completed`` event with 10 MB of output
 text: 2.4-3.6 ms in all, in 64 KiB pieces or one (the BodyTail pass), at most 1 MiB copied at once.
 """
 
@@ -76,7 +79,6 @@ from proxy.usage.counts import RawUsage, Usage, to_usage
 
 _HEAD = 512  # the first bytes of a line kept (its type, the response id)
 _TAIL = 128  # the last bytes of a line kept (a type that comes last)
-_DECIDE = 96  # the bytes of a data line seen before deciding whether to stream or hold it
 _NAME_CAP = 256  # an event: line longer than this names nothing
 _NAME_CONFIRM = 64  # a longer name is never confirmed by the bytes it implies (they must fit in _TAIL)
 _HOLD_CAP = 64 * 1024  # the most of a small event (message_start, message_delta) held
@@ -366,10 +368,14 @@ class EventUsageTap:
             p, c = _counts(ev.message.usage)
             if not self._delta_seen:
                 self._in, self._out = p, c
+                if p is not None:
+                    self.prompt_estimate = p  # vLLM's own input count: exact even if the stream is cut
             elif self._in is None:
                 self._in = p
             if self.response_id is None:
                 self._take_id(data, i, h)
+            if not self._delta_seen:
+                return  # the output count comes with message_delta; a stream cut before it is estimated
         elif typ == _MSG_DELTA and ev.usage is not None:
             p, c = _counts(ev.usage)
             if p is None and c is None:

@@ -27,7 +27,10 @@ from proxy.usage.sse_tap import SseUsageTap
 def choose_tap(view, body: bytes) -> tuple[bytes, SseUsageTap | BodyTail | EventUsageTap]:
     """(the body to send upstream, the tap for its response)."""
     if not view.stream:
-        return body, BodyTail()
+        # A Responses body echoes the request's tools and text.format schemas before its usage, and a
+        # Messages body holds model-written tool_use inputs before it: either may plant a "usage"
+        # object, so those take the body's LAST one (vLLM's own, at the end).
+        return body, BodyTail(last=view.api in ("responses", "messages"))
     api = view.api
     if api != "chat":
         prompt = view.estimate_prompt_tokens(len(body))

@@ -14,13 +14,16 @@ Asserts, for every body:
   accepted with exactly the intended fields;
 - whenever it accepts, werkzeug's multipart parser (an independent implementation, in the dev
   environment through moto[server] and flask) reads the same wanted text fields and finds a file part
-  under every name this scanner reported as a file.
+  under every name this scanner reported as a file -- except where werkzeug's own leniency (a
+  delimiter after a bare LF or CR, content to RFC 2046 and python-multipart) makes it read another
+  structure.
 Example count: 400 by default; SPOTINFERENCE_FUZZ_EXAMPLES=N for more.
 """
 
 from __future__ import annotations
 
 import io
+import re
 
 import pytest
 from hypothesis import event, given
@@ -141,6 +144,11 @@ def test_multipart_scanner(case) -> None:
     event("accepted")
     if valid:
         assert form.fields == intended
+    if re.search(rb"(?:(?<!\r)\n|\r(?!\n))--" + re.escape(boundary), body):
+        # werkzeug also splits on a bare-LF or bare-CR delimiter, where RFC 2046 and python-multipart
+        # (vLLM's parser) see content: no oracle for this one.
+        event("bare line end before a delimiter")
+        return
     try:
         wform, wfiles = werkzeug_parse(body, boundary)
     except ValueError as err:  # werkzeug refuses it: we must not have accepted something it cannot read

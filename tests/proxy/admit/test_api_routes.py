@@ -281,3 +281,14 @@ async def test_health_is_healthz_and_version_is_json():
     doc = msgspec.json.decode(got)
     assert status == 200 and headers["content-type"] == "application/json"
     assert doc["name"] == "spotinference" and doc["version"]
+
+
+async def test_audio_needs_a_file_part():
+    status, _, got = await answer(gateway(), audio_post(multipart({"model": "sim-chat"})))
+    assert status == 400 and error_of(got)["param"] == "file"
+
+
+async def test_audio_stream_must_be_a_boolean():
+    status, _, got = await answer(gateway(), audio_post(multipart({"model": "sim-chat", "stream": "maybe",
+                                                                   "file": b"RIFF"})))
+    assert status == 400 and error_of(got)["param"] == "stream"

@@ -18,6 +18,7 @@ from proxy.admit.schemas import decode_chat, decode_completion
 from proxy.usage.body_usage import BodyTail, usage_from_body
 from proxy.usage.counts import Usage
 from proxy.usage.include_usage import ask_for_usage, client_asked
+from proxy.usage.taps import choose_tap
 from proxy.usage.sse_tap import SseUsageTap
 
 HEAD = b'{"id":"chatcmpl-7f3a","object":"chat.completion.chunk","created":1718000000,"model":"qwen3-coder",'
@@ -464,3 +465,44 @@ def test_body_tail_agrees_with_decoding_the_whole_body() -> None:
         cuts = sorted(rng.sample(range(1, len(body)), min(len(body) - 1, rng.randint(0, 40))))
         got = run_body(split_at(body, *cuts)).usage
         assert got == Usage(**want), n
+
+
+# -- the other APIs ---------------------------------------------------------------------------------------
+
+def _planted(api_body: bytes) -> bytes:
+    """A body whose echoed request part (over 4 KiB, before the real usage) holds a forged usage object."""
+    forged = b'{"type":"object","properties":{"usage":{"input_tokens":0,"output_tokens":0}}}'
+    return (b'{"id":"resp_1","object":"response","tools":[{"type":"function","name":"f","parameters":' + forged
+            + b'}],"output":[{"type":"message","content":[{"type":"output_text","text":"' + b"x" * 8000
+            + b'"}]}],' + api_body + b"}")
+
+
+@pytest.mark.parametrize("path, body", [
+    (b"/v1/responses", b'{"model":"sim-chat","input":"hi"}'),
+    (b"/v1/messages", b'{"model":"sim-chat","max_tokens":5,"messages":[{"role":"user","content":"hi"}]}'),
+])
+def test_responses_and_messages_bodies_bill_their_last_usage(path, body):
+    from proxy.admit.inference import DECODERS
+
+    sent, tap = choose_tap(DECODERS[path](body), body)
+    assert sent is body
+    answer = _planted(b'"usage":{"input_tokens":11,"output_tokens":7,"total_tokens":18}')
+    for i in range(0, len(answer), 1000):
+        assert tap.feed(answer[i:i + 1000]) == answer[i:i + 1000]
+    tap.finish()
+    assert (tap.usage.prompt_tokens, tap.usage.completion_tokens, tap.usage.total_tokens) == (11, 7, 18)
+    assert tap.response_id == "resp_1"
+
+
+@pytest.mark.parametrize("path, body, api", [
+    (b"/v1/responses", b'{"model":"sim-chat","input":"hi","stream":true}', "responses"),
+    (b"/v1/messages", b'{"model":"sim-chat","max_tokens":5,"stream":true,"messages":[{"role":"user","content":"x"}]}',
+     "messages"),
+])
+def test_named_event_streams_get_the_event_tap_and_an_unchanged_body(path, body, api):
+    from proxy.admit.inference import DECODERS
+    from proxy.usage.event_tap import EventUsageTap
+
+    sent, tap = choose_tap(DECODERS[path](body), body)
+    assert sent is body and isinstance(tap, EventUsageTap) and not tap.rewrites
+    assert tap.prompt_estimate == len(body) // 4
