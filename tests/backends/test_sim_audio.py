@@ -7,42 +7,24 @@ Every test binds 127.0.0.1 port 0, runs under `trio.fail_after`, and stops the s
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import wave
-from collections.abc import AsyncIterator, Callable
-from typing import Any
 
 import httpx
-import openai
 import pytest
 import trio
 
-from backends.sim import SimOptions, SimServer
 from backends.sim.audio import duration_of, parse_form
 from backends.sim.responses import SimError
+from tests.support.sim_client import off_loop as call
+from tests.support.sim_client import openai_client as sdk
+from tests.support.sim_client import running
 
 PARSE_ERROR = {"error": {"message": "There was an error parsing the body", "type": "Bad Request", "param": None,
                          "code": 400}}
 
 
-@contextlib.asynccontextmanager
-async def running(**options: Any) -> AsyncIterator[tuple[SimServer, int, httpx.AsyncClient]]:
-    server = SimServer(SimOptions(**options))
-    async with trio.open_nursery() as nursery:
-        _, port = await nursery.start(server.serve, "127.0.0.1", 0)
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", trust_env=False, timeout=30) as c:
-            yield server, port, c
-        nursery.cancel_scope.cancel()
-
-
-def sdk(port: int) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=10)
-
-
-async def call(fn: Callable[[], Any]) -> Any:
-    return await trio.to_thread.run_sync(fn)
 
 
 def wav(seconds: float, rate: int = 16_000) -> bytes:

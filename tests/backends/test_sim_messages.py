@@ -8,39 +8,22 @@ Every test binds 127.0.0.1 port 0, runs under `trio.fail_after`, and stops the s
 
 from __future__ import annotations
 
-import contextlib
 import json
-from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import anthropic
-import httpx
 import pytest
 import trio
 
-from backends.sim import SimOptions, SimServer
+from tests.support.sim_client import anthropic_client as client
+from tests.support.sim_client import off_loop as call
+from tests.support.sim_client import running
 
 ASK = [{"role": "user", "content": "Say hello."}]
 TOOLS = [{"name": "get_weather", "description": "Weather", "input_schema": {
     "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}]
 
 
-@contextlib.asynccontextmanager
-async def running(**options: Any) -> AsyncIterator[tuple[SimServer, int, httpx.AsyncClient]]:
-    server = SimServer(SimOptions(**options))
-    async with trio.open_nursery() as nursery:
-        _, port = await nursery.start(server.serve, "127.0.0.1", 0)
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", trust_env=False, timeout=10) as c:
-            yield server, port, c
-        nursery.cancel_scope.cancel()
-
-
-def client(port: int) -> anthropic.Anthropic:
-    return anthropic.Anthropic(base_url=f"http://127.0.0.1:{port}", api_key="unused", max_retries=0, timeout=10)
-
-
-async def call(fn: Callable[[], Any]) -> Any:
-    return await trio.to_thread.run_sync(fn)
 
 
 def events(text: str) -> list[tuple[str, dict[str, Any]]]:

@@ -7,25 +7,10 @@ Every test binds 127.0.0.1 port 0, runs under `trio.fail_after`, and stops the s
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator
-from typing import Any
-
-import httpx
 import pytest
 import trio
 
-from backends.sim import SimOptions, SimServer
-
-
-@contextlib.asynccontextmanager
-async def running(**options: Any) -> AsyncIterator[tuple[SimServer, httpx.AsyncClient]]:
-    server = SimServer(SimOptions(**options))
-    async with trio.open_nursery() as nursery:
-        _, port = await nursery.start(server.serve, "127.0.0.1", 0)
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", trust_env=False, timeout=10) as c:
-            yield server, c
-        nursery.cancel_scope.cancel()
+from tests.support.sim_client import running
 
 
 def cosine(u: list[float], v: list[float]) -> float:
@@ -34,7 +19,7 @@ def cosine(u: list[float], v: list[float]) -> float:
 
 async def test_score_agrees_with_embeddings() -> None:
     with trio.fail_after(15):
-        async with running() as (server, c):
+        async with running() as (server, _port, c):
             r = await c.post("/score", json={"model": "sim-embed", "text_1": "query", "text_2": ["alpha", "beta"]})
             body = r.json()
             assert r.status_code == 200 and list(body) == ["id", "object", "created", "model", "data", "usage"]
@@ -61,7 +46,7 @@ async def test_score_agrees_with_embeddings() -> None:
 
 async def test_rerank_sorted_and_cut_at_top_n() -> None:
     with trio.fail_after(15):
-        async with running() as (_server, c):
+        async with running() as (_server, _port, c):
             docs = ["one", "two", "three", "four"]
             bodies = [(await c.post(path, json={"query": "q", "documents": docs, "top_n": 2})).json()
                       for path in ("/rerank", "/v1/rerank", "/v2/rerank")]
@@ -83,7 +68,7 @@ async def test_rerank_sorted_and_cut_at_top_n() -> None:
 
 async def test_pooling_and_classify() -> None:
     with trio.fail_after(15):
-        async with running(embedding_dim=4) as (server, c):
+        async with running(embedding_dim=4) as (server, _port, c):
             r = await c.post("/pooling", json={"input": ["hello", "world!"]})
             body = r.json()
             assert list(body) == ["id", "object", "created", "model", "data", "usage"] and body["id"].startswith("pool-")
@@ -109,7 +94,7 @@ async def test_pooling_and_classify() -> None:
 
 async def test_tokenize_and_detokenize() -> None:
     with trio.fail_after(15):
-        async with running(max_model_len=100, api_key="k") as (server, c):
+        async with running(max_model_len=100, api_key="k") as (server, _port, c):
             r = await c.post("/tokenize", json={"prompt": "hello world"})  # outside /v1: no key needed
             body = r.json()
             assert r.status_code == 200 and list(body) == ["count", "max_model_len", "tokens", "token_strs"]

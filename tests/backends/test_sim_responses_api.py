@@ -7,20 +7,19 @@ Every test binds 127.0.0.1 port 0, runs under `trio.fail_after`, and stops the s
 
 from __future__ import annotations
 
-import contextlib
 import json
-from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import httpx
 import openai
 import pydantic
 import pytest
 import trio
 from openai.types.responses import Response
 
-from backends.sim import SimOptions, SimServer
 from backends.sim.responses_api import ResponseStore, Stored
+from tests.support.sim_client import off_loop as call
+from tests.support.sim_client import openai_client as sdk
+from tests.support.sim_client import running
 
 HELLO = "Say hello."
 RESPONSE_KEYS = ["id", "created_at", "incomplete_details", "instructions", "metadata", "model", "object", "output",
@@ -32,22 +31,6 @@ TOOLS = [{"type": "function", "name": "get_weather", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}]
 
 
-@contextlib.asynccontextmanager
-async def running(**options: Any) -> AsyncIterator[tuple[SimServer, int, httpx.AsyncClient]]:
-    server = SimServer(SimOptions(**options))
-    async with trio.open_nursery() as nursery:
-        _, port = await nursery.start(server.serve, "127.0.0.1", 0)
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", trust_env=False, timeout=10) as c:
-            yield server, port, c
-        nursery.cancel_scope.cancel()
-
-
-def sdk(port: int) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=10)
-
-
-async def call(fn: Callable[[], Any]) -> Any:
-    return await trio.to_thread.run_sync(fn)
 
 
 # Fields this openai SDK requires that vLLM's ResponseUsage (vllm/entrypoints/openai/responses/protocol.py)

@@ -7,11 +7,9 @@ Every test binds 127.0.0.1 port 0, runs under `trio.fail_after`, and stops the s
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import wave
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -20,8 +18,8 @@ import pytest
 import trio
 
 from backends import probe
-from backends.sim import SimOptions, SimServer
 from backends.sim.cli import _parser, main, options_from
+from tests.support.sim_client import running
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
@@ -31,14 +29,6 @@ INBAND = (b'data: {"error": {"message": "Internal server error", "type": "Intern
           b'"code": 500}}\n\ndata: [DONE]\n\n')
 
 
-@contextlib.asynccontextmanager
-async def running(**options: Any) -> AsyncIterator[tuple[SimServer, int, httpx.AsyncClient]]:
-    server = SimServer(SimOptions(**options))
-    async with trio.open_nursery() as nursery:
-        _, port = await nursery.start(server.serve, "127.0.0.1", 0)
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", trust_env=False, timeout=10) as c:
-            yield server, port, c
-        nursery.cancel_scope.cancel()
 
 
 def chat(**fields: Any) -> dict[str, Any]:

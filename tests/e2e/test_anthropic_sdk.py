@@ -6,8 +6,6 @@ every error class the SDK maps from the gateway's statuses.
 
 from __future__ import annotations
 
-import sqlite3
-
 import anthropic
 import httpx
 import msgspec
@@ -16,7 +14,7 @@ import trio
 
 from proxy.admit import keys
 from proxy.config import TierConfig, UsageConfig
-from tests.support.gateway import make_config, start_gateway, start_sim
+from tests.support.gateway import flushed_usage_rows, make_config, start_gateway, start_sim
 
 TIER_KEY = "tier-secret-for-vllm"
 
@@ -34,13 +32,7 @@ class Setup:
         self.gw, self.sim, self.db, self.secrets = gw, sim, db, secrets
 
     async def rows(self) -> list[dict]:
-        await self.gw.gw.usage.wait_flushed()
-        conn = sqlite3.connect(self.db)
-        try:
-            conn.row_factory = sqlite3.Row
-            return [dict(r) for r in conn.execute("SELECT * FROM usage ORDER BY id")]
-        finally:
-            conn.close()
+        return await flushed_usage_rows(self.gw, self.db)
 
 
 @pytest.fixture

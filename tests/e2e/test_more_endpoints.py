@@ -8,7 +8,6 @@ relayed as is, the gateway's when the upstream dies mid-stream.
 from __future__ import annotations
 
 import io
-import sqlite3
 import wave
 
 import anthropic
@@ -20,7 +19,8 @@ import trio
 
 from proxy.admit import keys
 from proxy.config import UsageConfig
-from tests.support.gateway import make_config, start_gateway, start_sim
+from tests.support.gateway import flushed_usage_rows, make_config, start_gateway, start_sim
+from tests.support.upstream_kit import FakeUpstream, answer_then_close
 
 
 def wav(seconds: float = 1.0, rate: int = 16000) -> bytes:
@@ -39,13 +39,7 @@ class Setup:
         self.auth = {"authorization": f"Bearer {secret}"}
 
     async def rows(self) -> list[dict]:
-        await self.gw.gw.usage.wait_flushed()
-        conn = sqlite3.connect(self.db)
-        try:
-            conn.row_factory = sqlite3.Row
-            return [dict(r) for r in conn.execute("SELECT * FROM usage ORDER BY id")]
-        finally:
-            conn.close()
+        return await flushed_usage_rows(self.gw, self.db)
 
 
 @pytest.fixture
@@ -134,17 +128,20 @@ async def test_vllms_own_inband_error_is_relayed_as_is(setup):
     assert got.content == sent  # the client asked for no usage; vLLM's error event and [DONE] unchanged
 
 
-async def _died_mid_stream(nursery, tmp_path, upstream_bytes: bytes, path: bytes, body: dict, headers):
-    from tests.support.upstream_kit import FakeUpstream, answer_then_close
-    fake = FakeUpstream(answer_then_close(upstream_bytes))
-    url = await fake.start(nursery)
-    gw = await start_gateway(nursery, make_config([url]))
-    async with httpx.AsyncClient(timeout=10) as http:
-        async with http.stream("POST", gw.url + path.decode(), json=body, headers=headers) as got:
-            data = b""
-            with pytest.raises(httpx.RemoteProtocolError):  # no last chunk: an incomplete response
-                async for piece in got.aiter_bytes():
-                    data += piece
+async def _gateway_before(nursery, upstream_bytes: bytes):
+    """A gateway in front of one upstream that sends `upstream_bytes` and hangs up."""
+    url = await FakeUpstream(answer_then_close(upstream_bytes)).start(nursery)
+    return await start_gateway(nursery, make_config([url]))
+
+
+async def _died_mid_stream(nursery, upstream_bytes: bytes, path: bytes, body: dict, headers):
+    gw = await _gateway_before(nursery, upstream_bytes)
+    data = b""
+    async with httpx.AsyncClient(timeout=10) as http, \
+            http.stream("POST", gw.url + path.decode(), json=body, headers=headers) as got:
+        with pytest.raises(httpx.RemoteProtocolError):  # no last chunk: an incomplete response
+            async for piece in got.aiter_bytes():
+                data += piece
     return data
 
 
@@ -154,7 +151,7 @@ async def test_responses_stream_that_dies_ends_with_a_responses_error_event(nurs
     up = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
           + b"%x\r\n%s\r\n" % (len(created), created))
     with trio.fail_after(10):
-        data = await _died_mid_stream(nursery, tmp_path, up, b"/v1/responses",
+        data = await _died_mid_stream(nursery, up, b"/v1/responses",
                                       {"model": "sim-chat", "input": "x", "stream": True}, {})
     assert data.startswith(created)
     tail = data[len(created):]
@@ -169,10 +166,7 @@ async def test_messages_stream_that_dies_raises_in_the_anthropic_sdk(nursery, tm
              b'"usage":{"input_tokens":3,"output_tokens":1}}}\n\n')
     up = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
           + b"%x\r\n%s\r\n" % (len(start), start))
-    from tests.support.upstream_kit import FakeUpstream, answer_then_close
-    fake = FakeUpstream(answer_then_close(up))
-    url = await fake.start(nursery)
-    gw = await start_gateway(nursery, make_config([url]))
+    gw = await _gateway_before(nursery, up)
     c = anthropic.Anthropic(base_url=gw.url, api_key="none", max_retries=0, timeout=10)
 
     def run():

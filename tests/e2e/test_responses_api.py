@@ -5,8 +5,6 @@ and affinity -- a response created on one upstream of a tier is retrieved and co
 
 from __future__ import annotations
 
-import sqlite3
-
 import httpx
 import msgspec
 import openai
@@ -15,7 +13,7 @@ import trio
 
 from proxy.admit import keys
 from proxy.config import UsageConfig
-from tests.support.gateway import make_config, start_gateway, start_sim
+from tests.support.gateway import flushed_usage_rows, make_config, start_gateway, start_sim
 
 
 def client(gw, key: str) -> openai.OpenAI:
@@ -31,13 +29,7 @@ class Setup:
         self.gw, self.sims, self.db, self.secret = gw, sims, db, secret
 
     async def rows(self) -> list[dict]:
-        await self.gw.gw.usage.wait_flushed()
-        conn = sqlite3.connect(self.db)
-        try:
-            conn.row_factory = sqlite3.Row
-            return [dict(r) for r in conn.execute("SELECT * FROM usage ORDER BY id")]
-        finally:
-            conn.close()
+        return await flushed_usage_rows(self.gw, self.db)
 
     def sim_of(self, path_prefix: str) -> list[int]:
         """Which sims (by index) received a request whose target starts with `path_prefix`."""

@@ -13,7 +13,6 @@ request (the counts billing rests on). The gateway runs in this test's trio loop
 from __future__ import annotations
 
 import re
-import sqlite3
 
 import msgspec
 import pytest
@@ -21,7 +20,7 @@ import trio
 
 from proxy.admit import keys
 from proxy.config import UsageConfig
-from tests.support.gateway import make_config, start_gateway, start_sim
+from tests.support.gateway import flushed_usage_rows, make_config, start_gateway, start_sim
 from tests.support.node import node_packages, run_script
 
 REPLY = "Hello from the simulated vLLM, one token per word."
@@ -47,13 +46,7 @@ class Setup:
                 **{k: str(v) for k, v in extra.items()}}
 
     async def rows(self) -> list[dict]:
-        await self.gw.gw.usage.wait_flushed()
-        conn = sqlite3.connect(self.db)
-        conn.row_factory = sqlite3.Row
-        try:
-            return [dict(r) for r in conn.execute("SELECT * FROM usage ORDER BY id")]
-        finally:
-            conn.close()
+        return await flushed_usage_rows(self.gw, self.db)
 
 
 @pytest.fixture

@@ -6,6 +6,8 @@ started here lives in the caller's nursery, so it stops when the test ends.
 
 from __future__ import annotations
 
+import sqlite3
+
 import msgspec
 import trio
 
@@ -191,3 +193,19 @@ async def dispatch_one(gw, raw: bytes, *, hang_up: bool = False):
     finally:
         ours.close()
         theirs.close()
+
+
+def usage_rows(db) -> list[dict]:
+    """Every row of a usage log's SQLite table, in insertion order."""
+    conn = sqlite3.connect(db, timeout=10)
+    try:
+        conn.row_factory = sqlite3.Row
+        return [dict(r) for r in conn.execute("SELECT * FROM usage ORDER BY id")]
+    finally:
+        conn.close()
+
+
+async def flushed_usage_rows(handle: GatewayHandle, db) -> list[dict]:
+    """The usage rows of an in-process gateway once its writer has flushed every finished request."""
+    await handle.gw.usage.wait_flushed()
+    return usage_rows(db)

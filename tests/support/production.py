@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sqlite3
 import subprocess
 import threading
 import time
@@ -24,6 +23,7 @@ import httpx
 import openai
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.support import gateway as gateway_kit
 from tests.support.processes import SPOT, Proc, start
 
 ASK = [{"role": "user", "content": "Count the sheep, please."}]
@@ -149,14 +149,7 @@ def by_label(samples: dict, label: str) -> dict[str, float]:
 
 # -- usage rows -----------------------------------------------------------------------------------
 
-def usage_rows(db: Path) -> list[dict]:
-    """Every row of the usage table, in insertion order."""
-    conn = sqlite3.connect(db, timeout=10)
-    try:
-        conn.row_factory = sqlite3.Row
-        return [dict(r) for r in conn.execute("SELECT * FROM usage ORDER BY id")]
-    finally:
-        conn.close()
+usage_rows = gateway_kit.usage_rows  # every row of the usage table, in insertion order
 
 
 def by_request_id(rows: list[dict]) -> dict[str, dict]:
