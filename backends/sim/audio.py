@@ -43,6 +43,7 @@ from backends.sim.responses import (
     GENERATION_ERROR_BODY,
     INBAND_ERROR,
     Choice,
+    OneChoice,
     SimError,
     bad_request,
     error,
@@ -162,7 +163,7 @@ def _number(name: str, raw: bytes | None, kind: type) -> Any:
                            "int_parsing" if kind is int else "float_parsing") from None
 
 
-class AudioPlan:
+class AudioPlan(OneChoice):
     """A transcription or translation and its transcript (the generation surface of `Plan`)."""
 
     overhead = 0
@@ -184,18 +185,6 @@ class AudioPlan:
         self.continuous = continuous
         self.rid = rid
         self.created = int(time.time())
-
-    @property
-    def completion_tokens(self) -> int:
-        return self.choice.tokens
-
-    @property
-    def max_steps(self) -> int:
-        return self.choice.tokens
-
-    @property
-    def finish(self) -> str:
-        return self.choice.finish
 
     def streamed_tokens(self, events: int) -> int:
         return max(0, min(self.completion_tokens, events)) if self.stream else 0

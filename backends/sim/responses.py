@@ -130,6 +130,24 @@ class Generation(Protocol):
     def events(self) -> Iterable[tuple[int, bytes]]: ...
 
 
+class OneChoice:
+    """The part of `Generation` a plan with a single `choice` answers from it (Responses, audio)."""
+
+    choice: Choice
+
+    @property
+    def completion_tokens(self) -> int:
+        return self.choice.tokens
+
+    @property
+    def max_steps(self) -> int:
+        return self.choice.tokens
+
+    @property
+    def finish(self) -> str:
+        return self.choice.finish
+
+
 class Choice:
     """One choice of a plan: its text pieces (one per token), finish reason and tool call."""
 

@@ -52,6 +52,7 @@ from backends.sim.planning import Planner, chat_prompt_tokens, text_of
 from backends.sim.responses import (
     GENERATION_ERROR_BODY,
     Choice,
+    OneChoice,
     SimError,
     SimOptions,
     bad_request,
@@ -193,7 +194,7 @@ def _markup(name: str, arguments: str) -> str:
     return "<tool_call>\n" + json.dumps({"name": name})[:-1] + f', "arguments": {arguments}}}\n</tool_call>'
 
 
-class ResponsesPlan:
+class ResponsesPlan(OneChoice):
     """A validated Responses request and what it generates (see the module docstring)."""
 
     overhead = 4  # created, in_progress, output_item.added, content_part.added
@@ -214,18 +215,6 @@ class ResponsesPlan:
         self.created = int(time.time())
 
     # -- the generation surface -------------------------------------------------------------------
-
-    @property
-    def completion_tokens(self) -> int:
-        return self.choice.tokens
-
-    @property
-    def max_steps(self) -> int:
-        return self.choice.tokens
-
-    @property
-    def finish(self) -> str:
-        return self.choice.finish
 
     def streamed_tokens(self, events: int) -> int:
         if not self.stream:

@@ -7,9 +7,7 @@ Every test binds 127.0.0.1 port 0, runs under `trio.fail_after`, and stops the s
 
 from __future__ import annotations
 
-import io
 import json
-import wave
 
 import httpx
 import pytest
@@ -19,22 +17,13 @@ from backends.sim.audio import duration_of, parse_form
 from backends.sim.responses import SimError
 from tests.support.sim_client import off_loop as call
 from tests.support.sim_client import openai_client as sdk
-from tests.support.sim_client import running
+from tests.support.sim_client import running, wav
 
 PARSE_ERROR = {"error": {"message": "There was an error parsing the body", "type": "Bad Request", "param": None,
                          "code": 400}}
 
 
 
-
-def wav(seconds: float, rate: int = 16_000) -> bytes:
-    out = io.BytesIO()
-    with wave.open(out, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(b"\0\0" * int(seconds * rate))
-    return out.getvalue()
 
 
 def multipart(*parts: bytes, boundary: bytes = b"XyZ") -> tuple[bytes, dict[str, str]]:

@@ -7,9 +7,6 @@ relayed as is, the gateway's when the upstream dies mid-stream.
 
 from __future__ import annotations
 
-import io
-import wave
-
 import anthropic
 import httpx
 import msgspec
@@ -20,17 +17,8 @@ import trio
 from proxy.admit import keys
 from proxy.config import UsageConfig
 from tests.support.gateway import flushed_usage_rows, make_config, start_gateway, start_sim
+from tests.support.sim_client import wav
 from tests.support.upstream_kit import FakeUpstream, answer_then_close
-
-
-def wav(seconds: float = 1.0, rate: int = 16000) -> bytes:
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(b"\x00\x01" * int(seconds * rate))
-    return buf.getvalue()
 
 
 class Setup:

@@ -1,9 +1,12 @@
 """The simulated vLLM running for one test, with clients of it: an httpx client on its port, the
-official SDKs pointed at it, and a way to run a blocking SDK call off the loop that serves it."""
+official SDKs pointed at it, a way to run a blocking SDK call off the loop that serves it, and a
+generated WAV to upload."""
 
 from __future__ import annotations
 
 import contextlib
+import io
+import wave
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -39,3 +42,14 @@ def anthropic_client(port: int):
 async def off_loop(fn: Callable[[], Any]) -> Any:
     """Run a blocking client call in a thread, so the trio loop keeps serving it."""
     return await trio.to_thread.run_sync(fn)
+
+
+def wav(seconds: float, rate: int = 16_000, frame: bytes = b"\0\0") -> bytes:
+    """A mono 16-bit WAV file of `seconds` (the sim's transcript length follows its duration)."""
+    out = io.BytesIO()
+    with wave.open(out, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(frame * int(seconds * rate))
+    return out.getvalue()
