@@ -347,7 +347,13 @@ def plan(planner: Planner, body: bytes, request_id: str | None = None) -> Messag
     if not inner.stream and c.tool_name is not None:
         try:
             json.loads(c.text())
-        except json.JSONDecodeError as exc:  # the converter's json.loads fails: the router's 500
+        except json.JSONDecodeError as exc:
+            if c.tool_mode == "auto" and c.finish == "length":
+                # Cut by max_tokens before the call was complete: vLLM's parser finds no tool call
+                # and the partial text is the answer.
+                c.tool_name, c.tool_mode = None, ""
+                return MessagesPlan(inner)
+            # A complete but broken call (--break-tool-json): the converter's json.loads fails, the router's 500.
             raise SimError(500, _enc.encode({"type": "error", "error": {"type": "internal_error",
                                                                         "message": str(exc)}})) from None
     return MessagesPlan(inner)

@@ -159,16 +159,25 @@ def chat_prompt_tokens(messages: list[dict[str, Any]], tools_json_chars: int = 0
         chars = len(_text_of(m.get("content")))
         for call in m.get("tool_calls") or ():
             fn = call.get("function") or {} if isinstance(call, dict) else {}
-            chars += len(fn.get("name") or "") + len(fn.get("arguments") or "")
+            chars += len(_string(fn.get("name"), "name")) + len(_string(fn.get("arguments"), "arguments"))
         prompt += 4 + _tokens(chars)
     return prompt + _tokens(tools_json_chars)
+
+
+def _string(value: Any, field: str) -> str:
+    """A text field the prompt rule counts: a string, or absent; anything else is pydantic's 400."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise invalid_body("Input should be a valid string", ("body", field), "string_type")
+    return value
 
 
 def _text_of(content: Any) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        return "".join(p.get("text") or "" for p in content if isinstance(p, dict))
+        return "".join(_string(p.get("text"), "text") for p in content if isinstance(p, dict))
     return ""
 
 

@@ -388,7 +388,8 @@ def _tool_call(options: SimOptions, req: _Request, functions: list[dict[str, Any
         return None
     if isinstance(choice, dict) and choice.get("type") == "function":
         tool = next((t for t in functions if t.get("name") == choice.get("name")), None)
-    elif choice == "required" or choice == "auto" and options.enable_auto_tool_choice and messages[-1].get("role") != "tool":
+    elif choice == "required" or (choice == "auto" and options.enable_auto_tool_choice
+                                  and not (messages and messages[-1].get("role") == "tool")):
         tool = functions[0]
     if tool is None:
         return None
