@@ -11,7 +11,10 @@ from __future__ import annotations
 import itertools
 import os
 import re
+import socket
+import time
 
+import h11
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
@@ -255,3 +258,37 @@ def chunked_body(draw, pick: Picker) -> bytes:
         out.append(pick("trailer") + pick("eol"))
     out.append(pick("head_end"))
     return b"".join(out)
+
+
+def read_response(conn: h11.Connection, sock: socket.socket, deadline: float) -> tuple[int | None, dict, bytes, str]:
+    """One response read with h11 (the oracle) from `sock` until `deadline` (time.monotonic):
+    (status or None, headers, body, "" or what went wrong: a timeout, a close, invalid HTTP)."""
+    status, headers, body = None, {}, bytearray()
+    try:
+        while True:
+            ev = conn.next_event()
+            if ev is h11.NEED_DATA:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return status, headers, bytes(body), "timed out"
+                sock.settimeout(left)
+                try:
+                    chunk = sock.recv(65536)
+                except ConnectionResetError:
+                    chunk = b""
+                conn.receive_data(chunk)
+            elif isinstance(ev, h11.InformationalResponse):
+                continue
+            elif isinstance(ev, h11.Response):
+                status = ev.status_code
+                headers = {k.decode(): v.decode("latin-1") for k, v in ev.headers}
+            elif isinstance(ev, h11.Data):
+                body += ev.data
+            elif isinstance(ev, h11.EndOfMessage):
+                return status, headers, bytes(body), ""
+            else:
+                return status, headers, bytes(body), f"connection closed ({ev!r})"
+    except h11.RemoteProtocolError as exc:
+        return status, headers, bytes(body), f"invalid HTTP from the gateway: {exc}"
+    except TimeoutError:
+        return status, headers, bytes(body), "timed out"

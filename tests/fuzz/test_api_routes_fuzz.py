@@ -85,7 +85,7 @@ from backends.sim.server import SimOptions, SimServer
 from proxy.admit import keys
 from proxy.gateway import Gateway, build_runtime
 from proxy.process.services import run_gateway
-from tests.fuzz._common import examples, fuzz_settings, mutated
+from tests.fuzz._common import examples, fuzz_settings, mutated, read_response
 from tests.support.gateway import make_config
 
 MODELS = ("sim-chat", "sim-embed")
@@ -268,35 +268,7 @@ def exchange(port: int, data: bytes, *, method: bytes = b"POST", pipeline: bool 
 
 
 def _read_one(conn: h11.Connection, sock: socket.socket, deadline: float) -> Answer:
-    status, headers, body = None, {}, bytearray()
-    try:
-        while True:
-            ev = conn.next_event()
-            if ev is h11.NEED_DATA:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return Answer(status, headers, bytes(body), "timed out")
-                sock.settimeout(left)
-                try:
-                    chunk = sock.recv(65536)
-                except ConnectionResetError:
-                    chunk = b""
-                conn.receive_data(chunk)
-            elif isinstance(ev, h11.InformationalResponse):
-                continue
-            elif isinstance(ev, h11.Response):
-                status = ev.status_code
-                headers = {k.decode(): v.decode("latin-1") for k, v in ev.headers}
-            elif isinstance(ev, h11.Data):
-                body += ev.data
-            elif isinstance(ev, h11.EndOfMessage):
-                return Answer(status, headers, bytes(body))
-            else:
-                return Answer(status, headers, bytes(body), f"connection closed ({ev!r})")
-    except h11.RemoteProtocolError as exc:
-        return Answer(status, headers, bytes(body), f"invalid HTTP from the gateway: {exc}")
-    except TimeoutError:
-        return Answer(status, headers, bytes(body), "timed out")
+    return Answer(*read_response(conn, sock, deadline))
 
 
 AUTH = {  # mode: (header lines, whether the key is accepted)

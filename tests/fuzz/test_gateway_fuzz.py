@@ -55,7 +55,7 @@ from hypothesis import strategies as st
 from proxy.admit import keys
 from proxy.gateway import Gateway, build_runtime
 from proxy.process.services import run_gateway
-from tests.fuzz._common import examples, fuzz_settings
+from tests.fuzz._common import examples, fuzz_settings, read_response
 from tests.support.gateway import make_config
 
 MODELS = ("sim-chat", "sim-embed")
@@ -284,34 +284,7 @@ def exchange(port: int, data: bytes, *, half_close: bool = False) -> Answer:
                 sock.shutdown(socket.SHUT_WR)
         except OSError:
             pass  # the gateway may refuse (and close) before it has read everything
-        status, headers, body = None, {}, bytearray()
-        deadline = time.monotonic() + READ_TIMEOUT
-        try:
-            while True:
-                ev = conn.next_event()
-                if ev is h11.NEED_DATA:
-                    if time.monotonic() > deadline:
-                        return Answer(status, headers, bytes(body), "timed out")
-                    try:
-                        chunk = sock.recv(65536)
-                    except ConnectionResetError:
-                        chunk = b""
-                    conn.receive_data(chunk)
-                elif isinstance(ev, h11.InformationalResponse):
-                    continue
-                elif isinstance(ev, h11.Response):
-                    status = ev.status_code
-                    headers = {k.decode(): v.decode("latin-1") for k, v in ev.headers}
-                elif isinstance(ev, h11.Data):
-                    body += ev.data
-                elif isinstance(ev, h11.EndOfMessage):
-                    return Answer(status, headers, bytes(body))
-                else:
-                    return Answer(status, headers, bytes(body), f"connection closed ({ev!r})")
-        except h11.RemoteProtocolError as exc:
-            return Answer(status, headers, bytes(body), f"invalid HTTP from the gateway: {exc}")
-        except TimeoutError:
-            return Answer(status, headers, bytes(body), "timed out")
+        return Answer(*read_response(conn, sock, time.monotonic() + READ_TIMEOUT))
 
 
 CHAT_OK = b'{"model":"sim-chat","messages":[{"role":"user","content":"hi"}],"max_tokens":2}'
