@@ -12,9 +12,11 @@ import itertools
 import os
 import re
 import socket
+import threading
 import time
 
 import h11
+import trio
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
@@ -292,3 +294,55 @@ def read_response(conn: h11.Connection, sock: socket.socket, deadline: float) ->
         return status, headers, bytes(body), f"invalid HTTP from the gateway: {exc}"
     except TimeoutError:
         return status, headers, bytes(body), "timed out"
+
+
+class LoopThread:
+    """A trio loop in a daemon thread, for fuzzers whose hypothesis tests are synchronous: `start()`
+    returns once `serve` (the subclass's, an async method that starts what it needs and then calls
+    `ready()`) is serving; `stop()` cancels it and joins the thread (bounded). `token` runs calls
+    into the loop from the test thread (trio.from_thread)."""
+
+    name = "fuzz-loop"
+
+    def __init__(self) -> None:
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._stop: trio.Event | None = None
+        self.token = None
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+
+    async def serve(self, nursery: trio.Nursery) -> None:
+        raise NotImplementedError
+
+    def ready(self) -> None:
+        self.token = trio.lowlevel.current_trio_token()
+        self._ready.set()
+
+    def start(self) -> None:
+        self._thread.start()
+        if not self._ready.wait(30):
+            raise RuntimeError(f"{self.name}: not serving within 30 s")
+        if self._error is not None:
+            raise self._error
+
+    def stop(self) -> None:
+        if self.token is not None and self._thread.is_alive():
+            try:
+                trio.from_thread.run_sync(self._stop.set, trio_token=self.token)
+            except trio.RunFinishedError:
+                pass
+        self._thread.join(15)
+
+    def _run(self) -> None:
+        try:
+            trio.run(self._main)
+        except BaseException as exc:  # noqa: BLE001 -- reported to the test thread
+            self._error = exc
+            self._ready.set()
+
+    async def _main(self) -> None:
+        self._stop = trio.Event()
+        async with trio.open_nursery() as nursery:
+            await self.serve(nursery)
+            await self._stop.wait()
+            nursery.cancel_scope.cancel()

@@ -67,7 +67,6 @@ import logging
 import math
 import re
 import socket
-import threading
 import time
 import traceback
 import wave
@@ -85,7 +84,7 @@ from backends.sim.server import SimOptions, SimServer
 from proxy.admit import keys
 from proxy.gateway import Gateway, build_runtime
 from proxy.process.services import run_gateway
-from tests.fuzz._common import examples, fuzz_settings, mutated, read_response
+from tests.fuzz._common import LoopThread, examples, fuzz_settings, mutated, read_response
 from tests.support.gateway import make_config
 
 MODELS = ("sim-chat", "sim-embed")
@@ -118,8 +117,11 @@ class _SimLog(logging.Handler):
         self.records.append(text)
 
 
-class Harness:
+class Harness(LoopThread):
+    name = "api-routes-fuzz"
+
     def __init__(self, tmp) -> None:
+        super().__init__()
         self.keys_path = tmp / "keys.toml"
         keys.write(self.keys_path, keys.KeysFile(keys=[keys.KeyRecord(name="fuzz", hash=keys.digest(KEY))]))
         self.port = 0
@@ -130,51 +132,25 @@ class Harness:
         self.seen: set[str] = set()  # every id the gateway has seen made (its map holds 100,000)
         self.stored_id = ""
         self.background_id = ""
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-        self._stop: trio.Event | None = None
-        self._token = None
-        self._thread = threading.Thread(target=self._run, name="api-routes-fuzz", daemon=True)
 
     def start(self) -> None:
         logging.getLogger("backends.sim").addHandler(self.sim_log)
-        self._thread.start()
-        if not self._ready.wait(30):
-            raise RuntimeError("gateway did not start in 30 s")
-        if self._error is not None:
-            raise self._error
+        super().start()
 
     def stop(self) -> None:
         logging.getLogger("backends.sim").removeHandler(self.sim_log)
-        if self._token is not None and self._thread.is_alive():
-            try:
-                trio.from_thread.run_sync(self._stop.set, trio_token=self._token)
-            except trio.RunFinishedError:
-                pass
-        self._thread.join(15)
+        super().stop()
 
-    def _run(self) -> None:
-        try:
-            trio.run(self._main)
-        except BaseException as exc:  # noqa: BLE001 -- reported to the test thread
-            self._error = exc
-            self._ready.set()
-
-    async def _main(self) -> None:
-        self._stop = trio.Event()
-        async with trio.open_nursery() as nursery:
-            self.sim = SimServer(SimOptions(enable_auto_tool_choice=True, tool_call_parser="hermes"))
-            host, sim_port = await nursery.start(self.sim.serve, "127.0.0.1", 0)
-            config = make_config([f"http://{host}:{sim_port}"], models=MODELS, keys_file=str(self.keys_path),
-                                 server={"max_body_bytes": MAX_BODY, "max_audio_bytes": MAX_AUDIO,
-                                         "request_head_s": 5.0, "request_body_s": 5.0, "body_grace_s": 3.0},
-                                 upstream={"first_byte_s": 10.0, "between_chunks_s": 10.0})
-            self.gw = Gateway(build_runtime(config))
-            _host, self.port = await nursery.start(functools.partial(run_gateway, config, gateway=self.gw))
-            self._token = trio.lowlevel.current_trio_token()
-            self._ready.set()
-            await self._stop.wait()
-            nursery.cancel_scope.cancel()
+    async def serve(self, nursery: trio.Nursery) -> None:
+        self.sim = SimServer(SimOptions(enable_auto_tool_choice=True, tool_call_parser="hermes"))
+        host, sim_port = await nursery.start(self.sim.serve, "127.0.0.1", 0)
+        config = make_config([f"http://{host}:{sim_port}"], models=MODELS, keys_file=str(self.keys_path),
+                             server={"max_body_bytes": MAX_BODY, "max_audio_bytes": MAX_AUDIO,
+                                     "request_head_s": 5.0, "request_body_s": 5.0, "body_grace_s": 3.0},
+                             upstream={"first_byte_s": 10.0, "between_chunks_s": 10.0})
+        self.gw = Gateway(build_runtime(config))
+        _host, self.port = await nursery.start(functools.partial(run_gateway, config, gateway=self.gw))
+        self.ready()
 
     # -- looking inside, from the test thread ------------------------------------------------------------
 
@@ -183,13 +159,13 @@ class Harness:
         def look():
             last = self.sim.requests[-1].body if self.sim.requests else None
             return self.sim.statistics().requests_total, last
-        return trio.from_thread.run_sync(look, trio_token=self._token)
+        return trio.from_thread.run_sync(look, trio_token=self.token)
 
     def internal_errors(self) -> float:
         def look():
             return sum(s.value for m in self.gw.metrics.internal_errors.collect() for s in m.samples
                        if s.name.endswith("_total"))
-        return trio.from_thread.run_sync(look, trio_token=self._token)
+        return trio.from_thread.run_sync(look, trio_token=self.token)
 
     def remember(self, answer: Answer) -> None:
         """Keep the id of a Responses answer (the gateway remembers it too)."""

@@ -42,7 +42,6 @@ from __future__ import annotations
 import functools
 import json
 import socket
-import threading
 import time
 from dataclasses import dataclass, field
 
@@ -55,7 +54,7 @@ from hypothesis import strategies as st
 from proxy.admit import keys
 from proxy.gateway import Gateway, build_runtime
 from proxy.process.services import run_gateway
-from tests.fuzz._common import examples, fuzz_settings, read_response
+from tests.fuzz._common import LoopThread, examples, fuzz_settings, read_response
 from tests.support.gateway import make_config
 
 MODELS = ("sim-chat", "sim-embed")
@@ -201,8 +200,11 @@ def _json(status: int, obj) -> tuple:
 # -- the gateway, in a trio thread --------------------------------------------------------------------------
 
 
-class Harness:
+class Harness(LoopThread):
+    name = "gateway-fuzz"
+
     def __init__(self, tmp) -> None:
+        super().__init__()
         self.keys_path = tmp / "keys.toml"
         # One unlimited key, and a fresh small-tpm key per rate-limit example (cycled past the count).
         self.open_key = "sk-si-fuzz-open"
@@ -213,44 +215,15 @@ class Harness:
         keys.write(self.keys_path, keys.KeysFile(keys=records))
         self.upstream = RecordingUpstream()
         self.port = 0
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-        self._stop: trio.Event | None = None
-        self._token = None
-        self._thread = threading.Thread(target=self._run, name="gateway-fuzz", daemon=True)
 
-    def start(self) -> None:
-        self._thread.start()
-        if not self._ready.wait(30):
-            raise RuntimeError("gateway did not start in 30 s")
-        if self._error is not None:
-            raise self._error
-
-    def stop(self) -> None:
-        if self._token is not None:
-            trio.from_thread.run_sync(self._stop.set, trio_token=self._token)
-        self._thread.join(15)
-
-    def _run(self) -> None:
-        try:
-            trio.run(self._main)
-        except BaseException as exc:  # noqa: BLE001 -- reported to the test thread
-            self._error = exc
-            self._ready.set()
-
-    async def _main(self) -> None:
-        self._stop = trio.Event()
-        async with trio.open_nursery() as nursery:
-            url = await self.upstream.start(nursery)
-            config = make_config([url], keys_file=str(self.keys_path),
-                                 server={"max_body_bytes": MAX_BODY, "request_head_s": 3.0, "request_body_s": 3.0,
-                                         "body_grace_s": 2.0})
-            gw = Gateway(build_runtime(config))
-            _host, self.port = await nursery.start(functools.partial(run_gateway, config, gateway=gw))
-            self._token = trio.lowlevel.current_trio_token()
-            self._ready.set()
-            await self._stop.wait()
-            nursery.cancel_scope.cancel()
+    async def serve(self, nursery: trio.Nursery) -> None:
+        url = await self.upstream.start(nursery)
+        config = make_config([url], keys_file=str(self.keys_path),
+                             server={"max_body_bytes": MAX_BODY, "request_head_s": 3.0, "request_body_s": 3.0,
+                                     "body_grace_s": 2.0})
+        gw = Gateway(build_runtime(config))
+        _host, self.port = await nursery.start(functools.partial(run_gateway, config, gateway=gw))
+        self.ready()
 
 
 @pytest.fixture(scope="module")
