@@ -4,7 +4,6 @@ the client-shaped tools and schemas), and ``response_id`` is read from the first
 
 from __future__ import annotations
 
-import itertools
 import json
 import random
 
@@ -12,6 +11,7 @@ import pytest
 
 from proxy.usage.body_usage import BodyTail, first_id, usage_from_body
 from proxy.usage.counts import Usage
+from tests.support.pieces import split_at
 
 RESP_ID = "resp_6f1c0e9a2b7d4c8e9f0a1b2c3d4e5f60"
 USAGE = {"input_tokens": 21, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": 5,
@@ -46,11 +46,6 @@ def run(pieces: list[bytes], *, last: bool = False) -> BodyTail:
         assert tap.feed(p) is p
     assert tap.finish() == b""
     return tap
-
-
-def split_at(data: bytes, *cuts: int) -> list[bytes]:
-    bounds = [0, *cuts, len(data)]
-    return [data[a:b] for a, b in itertools.pairwise(bounds)]
 
 
 SMALL = responses_body("Hello!", [SCHEMA_TOOL])

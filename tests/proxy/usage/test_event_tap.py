@@ -35,6 +35,7 @@ from pydantic import TypeAdapter
 
 from proxy.usage.counts import Usage
 from proxy.usage.event_tap import EventUsageTap
+from tests.support.pieces import split_at
 
 RESP_ID = "resp_6f1c0e9a2b7d4c8e9f0a1b2c3d4e5f60"
 ITEM_ID = "msg_3a9b8c7d6e5f4a3b2c1d0e9f8a7b6c5d"
@@ -150,11 +151,6 @@ def run(api: str, pieces: list[bytes], prompt_estimate: int = 9) -> EventUsageTa
         assert tap.feed(p) is p
     assert tap.finish() == b""
     return tap
-
-
-def split_at(data: bytes, *cuts: int) -> list[bytes]:
-    bounds = [0, *cuts, len(data)]
-    return [data[a:b] for a, b in itertools.pairwise(bounds)]
 
 
 def test_interface() -> None:

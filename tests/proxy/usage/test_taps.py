@@ -18,8 +18,8 @@ from proxy.admit.schemas import decode_chat, decode_completion
 from proxy.usage.body_usage import BodyTail, usage_from_body
 from proxy.usage.counts import Usage
 from proxy.usage.include_usage import ask_for_usage, client_asked
-from proxy.usage.taps import choose_tap
 from proxy.usage.sse_tap import SseUsageTap
+from proxy.usage.taps import choose_tap
 
 HEAD = b'{"id":"chatcmpl-7f3a","object":"chat.completion.chunk","created":1718000000,"model":"qwen3-coder",'
 
