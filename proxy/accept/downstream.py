@@ -167,9 +167,7 @@ class Downstream:
         """Head bytes for a response of `length` bytes, or of unknown length (chunked on HTTP/1.1,
         close-delimited on HTTP/1.0). Framing headers in `headers` must already be removed."""
         self.started = True
-        if status == 204:
-            length = 0  # no body; no framing header is written for it (below)
-        if length is None:
+        if length is None and status != 204:  # a 204 has no body and no framing header (RFC 9110 8.6)
             self.chunked = self.http11
             if not self.http11:
                 self.keep_alive = False
@@ -181,9 +179,7 @@ class Downstream:
         lines += [b"%s: %s\r\n" % h for h in headers]
         if self.cors is not None:
             lines += [b"%s: %s\r\n" % h for h in self.cors]
-        if status == 204:
-            self.chunked = False  # no body, no framing headers (RFC 9110 8.6)
-        elif length is not None:
+        if length is not None and status != 204:
             lines.append(b"content-length: %d\r\n" % length)
         elif self.chunked:
             lines.append(b"transfer-encoding: chunked\r\n")

@@ -125,7 +125,23 @@ class TokenizerView(_Free, kw_only=True):
 
 # -- audio ---------------------------------------------------------------------------------------------------
 
-class AudioView:
+class NoTokenCharge:
+    """A request charged one request and no tokens up front (limits/charge.py): audio, whose bytes are
+    not tokens and whose output maximum is unknown (settled with what it reports), and a stored
+    response's retrieve or cancel."""
+
+    __slots__ = ()
+
+    @staticmethod
+    def estimate_prompt_tokens(body_len: int) -> int:
+        return 0
+
+    @staticmethod
+    def output_limit() -> None:
+        return None
+
+
+class AudioView(NoTokenCharge):
     """Not decoded from JSON: the multipart form's `model` and `stream` fields."""
 
     __slots__ = ("model", "stream")
@@ -134,12 +150,6 @@ class AudioView:
     def __init__(self, model: str, stream: bool) -> None:
         self.model = model
         self.stream = stream
-
-    def estimate_prompt_tokens(self, body_len: int) -> int:
-        return 0  # audio bytes are not tokens; the output maximum is unknown: rpm, then settle
-
-    def output_limit(self) -> None:
-        return None
 
 
 # -- decoders --------------------------------------------------------------------------------------------------

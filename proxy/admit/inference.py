@@ -20,6 +20,7 @@ from proxy.accept.downstream import Downstream
 from proxy.admit import multipart
 from proxy.admit.api_views import (
     AudioView,
+    NoTokenCharge,
     decode_count_tokens,
     decode_messages,
     decode_pooling,
@@ -82,9 +83,8 @@ async def forward_inference(gw, ds: Downstream, ex: Exchange, request, key, rest
     body = await ds.read_body(limit, request)
     view = DECODERS[target_path(request.target)](body)
     pin = None
-    previous = getattr(view, "previous_response_id", None)
-    if previous is not None:
-        home = gw.homes.home(previous)
+    if view.api == "responses" and view.previous_response_id is not None:
+        home = gw.homes.home(view.previous_response_id)
         if home is not None:
             pin = Pin(home[1], strict=False)
     await _admit_and_forward(gw, ds, ex, request, key, view, body, pin)
@@ -128,18 +128,6 @@ async def _admit_and_forward(gw, ds, ex, request, key, view, body: bytes, pin) -
     await forward_to_tier(gw, ds, ex, tier, request, body, limit_headers, tap, pin=pin)
 
 
-class _NoCharge:
-    """A stored response's retrieve or cancel: one request against rpm, no tokens."""
-
-    @staticmethod
-    def estimate_prompt_tokens(body_len: int) -> int:
-        return 0
-
-    @staticmethod
-    def output_limit() -> None:
-        return None
-
-
 async def forward_stored(gw, ds: Downstream, ex: Exchange, request, key, rest: bytes) -> None:
     """`GET /v1/responses/{id}` and `POST /v1/responses/{id}/cancel` (routes.py checked the shape)."""
     response_id = rest.partition(b"/")[0].decode("latin-1")
@@ -159,6 +147,6 @@ async def forward_stored(gw, ds: Downstream, ex: Exchange, request, key, rest: b
         limit = ds.limits.max_body_bytes
         check_declared(request, limit)
         body = await ds.read_body(limit, request)
-    limit_headers = charge(gw, ex, key, _NoCharge, 0)
+    limit_headers = charge(gw, ex, key, NoTokenCharge, 0)
     await forward_to_tier(gw, ds, ex, tier, request, body, limit_headers, None,
                           pin=Pin(home[1], strict=True, response_id=response_id))
