@@ -1,0 +1,1 @@
+"""State shared by several gateway hosts: Redis."""
