@@ -75,13 +75,36 @@ class UpstreamConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
 class AuthConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     keys_file: str | None = None
+    # Several gateway hosts: keys in PostgreSQL instead of the file (proxy/admit/keys_db.py); every
+    # host sees an added or revoked key within `refresh_s` (a poll of a change counter).
+    database_url: str | None = None
+    refresh_s: float = 1.0
 
 
 class UsageConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     path: str | None = None
+    # Several gateway hosts: one PostgreSQL table instead of a SQLite file per host (usage/pg_store.py).
+    database_url: str | None = None
+    # Where rows wait while PostgreSQL is down (`<spill_dir>/usage.spill*.jsonl`); default: the
+    # service's state folder beside the config (see docs/SCALING.md).
+    spill_dir: str | None = None
+    retry_s: float = 2.0  # while the database is down: how often the writer tries again
     queue_max: int = 10000
     batch_max: int = 500
     flush_s: float = 0.5
+
+
+class ClusterConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """[cluster]: state shared by several gateway hosts through one Redis (docs/SCALING.md)."""
+
+    redis_url: str | None = None
+    # Redis unreachable: "local" keeps serving with this host's own limits (logged, counted);
+    # "closed" answers a limited key's request with 503 until Redis is back.
+    on_redis_failure: str = "local"
+    timeout_s: float = 0.25  # one Redis round trip longer than this counts as Redis down
+    retry_s: float = 1.0  # while down: how often a PING checks whether it is back
+    lease_s: float = 15.0  # a tier's wake lease lives this long unless its holder renews it
+    homes_ttl_s: float = 86400.0  # a stored Responses id's upstream is remembered this long
 
 
 class LogConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -104,6 +127,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     upstream: UpstreamConfig = UpstreamConfig()
     auth: AuthConfig = AuthConfig()
     usage: UsageConfig = UsageConfig()
+    cluster: ClusterConfig = ClusterConfig()
     log: LogConfig = LogConfig()
     tiers: list[TierConfig] = msgspec.field(default_factory=list)
 
@@ -189,6 +213,7 @@ def validate(cfg: Config) -> Config:
                           f"got {cfg.server.min_body_rate_bytes_s}")
     if cfg.server.max_audio_bytes <= 0:
         raise ConfigError(f"field 'server.max_audio_bytes': must be > 0, got {cfg.server.max_audio_bytes}")
+    _validate_stores(cfg)
     for i, origin in enumerate(cfg.server.cors_origins):
         if origin != "*" and not _ORIGIN.fullmatch(origin):
             raise ConfigError(f"field 'server.cors_origins[{i}]': expected an origin like "
@@ -238,6 +263,43 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
+def _validate_stores(cfg: Config) -> None:
+    """[cluster], [usage] and [auth]: one store each, URLs with the right scheme."""
+    c = cfg.cluster
+    if c.redis_url is not None:
+        parts = urlsplit(c.redis_url)
+        if parts.scheme != "redis" or not parts.hostname:
+            raise ConfigError(f"field 'cluster.redis_url': expected redis://HOST:PORT[/DB], got {c.redis_url!r}")
+        db = parts.path.strip("/")
+        if db and not db.isdigit():
+            raise ConfigError(f"field 'cluster.redis_url': the database must be a number, got {db!r}")
+        try:
+            parts.port
+        except ValueError:
+            raise ConfigError(f"field 'cluster.redis_url': bad port in {c.redis_url!r}") from None
+    if c.on_redis_failure not in ("local", "closed"):
+        raise ConfigError(f"field 'cluster.on_redis_failure': expected \"local\" or \"closed\", "
+                          f"got {c.on_redis_failure!r}")
+    for name in ("timeout_s", "retry_s", "lease_s", "homes_ttl_s"):
+        if getattr(c, name) <= 0:
+            raise ConfigError(f"field 'cluster.{name}': must be > 0, got {getattr(c, name)}")
+    for section, file_field in (("usage", "path"), ("auth", "keys_file")):
+        sub = getattr(cfg, section)
+        url = sub.database_url
+        if url is None:
+            continue
+        if urlsplit(url).scheme not in ("postgresql", "postgres"):
+            raise ConfigError(f"field '{section}.database_url': expected postgresql://..., got a "
+                              f"{urlsplit(url).scheme or 'schemeless'} URL")
+        if getattr(sub, file_field) is not None:
+            raise ConfigError(f"field '{section}.database_url': set either '{section}.{file_field}' or "
+                              f"'{section}.database_url', not both")
+    if cfg.auth.refresh_s <= 0:
+        raise ConfigError(f"field 'auth.refresh_s': must be > 0, got {cfg.auth.refresh_s}")
+    if cfg.usage.retry_s <= 0:
+        raise ConfigError(f"field 'usage.retry_s': must be > 0, got {cfg.usage.retry_s}")
+
+
 def loads(text: str) -> Config:
     """Decode and validate TOML text."""
     try:
@@ -267,7 +329,8 @@ def load(path: str | Path) -> Config:
     return msgspec.structs.replace(
         cfg,
         auth=msgspec.structs.replace(cfg.auth, keys_file=rel(cfg.auth.keys_file)),
-        usage=msgspec.structs.replace(cfg.usage, path=rel(cfg.usage.path)),
+        usage=msgspec.structs.replace(cfg.usage, path=rel(cfg.usage.path), spill_dir=rel(
+            cfg.usage.spill_dir or ("." if cfg.usage.database_url else None))),
     )
 
 
