@@ -6,6 +6,8 @@ hashing the presented bearer token and looking the digest up in a dict (`KeyStor
 comparison happens in Python. The file is strict (unknown fields are errors) and rewritten
 atomically (temp file + rename, mode 0600), so a crash never leaves it half-written. Revoking keeps
 the record (audit) with `revoked = true`; a revoked key no longer authenticates.
+The same records can live in PostgreSQL instead (keys_db.py); both stores validate and build a new
+key with `new_key` and word their errors with the helpers below.
 """
 
 from __future__ import annotations
@@ -118,9 +120,22 @@ def write(path: str | Path, kf: KeysFile) -> None:
         raise
 
 
-def add(path: str | Path, name: str, *, rpm: int | None = None, tpm: int | None = None,
-        tiers: list[str] | None = None) -> str:
-    """Create a key; returns the secret (the only time it exists outside the client)."""
+def duplicate_name(name: str) -> KeysError:
+    return KeysError(f"a key named {name!r} already exists (revoke it or pick another name)")
+
+
+def no_such_key(name: str) -> KeysError:
+    return KeysError(f"no key named {name!r}")
+
+
+def already_revoked(name: str) -> KeysError:
+    return KeysError(f"key {name!r} is already revoked")
+
+
+def new_key(name: str, *, rpm: int | None = None, tpm: int | None = None,
+            tiers: list[str] | None = None) -> tuple[str, KeyRecord]:
+    """Validate a new key's fields; returns (secret, record holding only its digest). Shared by the
+    keys file (`add`) and the keys database (keys_db.add)."""
     if not _NAME_RE.match(name):
         raise KeysError(f"invalid key name {name!r}: letters, digits and _.@- (max 64)")
     for value, field in ((rpm, "rpm"), (tpm, "tpm")):
@@ -130,13 +145,20 @@ def add(path: str | Path, name: str, *, rpm: int | None = None, tpm: int | None 
     for t in tiers:
         if not _TIER_RE.match(t):
             raise KeysError(f"invalid tier name {t!r} in --tiers")
-    kf = read(path)
-    if any(r.name == name for r in kf.keys):
-        raise KeysError(f"a key named {name!r} already exists (revoke it or pick another name)")
     secret = SECRET_PREFIX + secrets.token_urlsafe(32)
     now = datetime.datetime.now(datetime.UTC).replace(microsecond=0).isoformat()
-    kf.keys.append(KeyRecord(name=name, hash=digest(secret), prefix=secret[:10], rpm=rpm, tpm=tpm,
-                             tiers=tiers, created=now))
+    return secret, KeyRecord(name=name, hash=digest(secret), prefix=secret[:10], rpm=rpm, tpm=tpm,
+                             tiers=tiers, created=now)
+
+
+def add(path: str | Path, name: str, *, rpm: int | None = None, tpm: int | None = None,
+        tiers: list[str] | None = None) -> str:
+    """Create a key; returns the secret (the only time it exists outside the client)."""
+    secret, record = new_key(name, rpm=rpm, tpm=tpm, tiers=tiers)
+    kf = read(path)
+    if any(r.name == name for r in kf.keys):
+        raise duplicate_name(name)
+    kf.keys.append(record)
     write(path, kf)
     return secret
 
@@ -146,11 +168,11 @@ def revoke(path: str | Path, name: str) -> None:
     for i, rec in enumerate(kf.keys):
         if rec.name == name:
             if rec.revoked:
-                raise KeysError(f"key {name!r} is already revoked")
+                raise already_revoked(name)
             kf.keys[i] = msgspec.structs.replace(rec, revoked=True)
             write(path, kf)
             return
-    raise KeysError(f"no key named {name!r}")
+    raise no_such_key(name)
 
 
 class KeyStore:

@@ -30,14 +30,14 @@ _DELEGATED = {
 # top-level module of an optional dependency -> the extra that installs it
 _EXTRAS = {"moto": "demo", "werkzeug": "demo", "flask": "demo", "flask_cors": "demo",
            "openai": "tools", "pydantic": "tools", "jsonschema": "tools",
-           "locust": "loadtest", "gevent": "loadtest"}
+           "locust": "loadtest", "gevent": "loadtest", "psycopg": "cluster"}
 
 _HELP = """usage: spotinference COMMAND [ARGS]
 
 commands:
   serve         run the gateway (no arguments: embedded simulated tier on 127.0.0.1:8080)
   check-config  validate a config file; exit non-zero naming the bad field
-  keys          add / list / revoke API keys in a keys file
+  keys          add / list / revoke API keys in a keys file or the keys database
   sim           run a simulated vLLM OpenAI server
   backend       render vLLM launch command, systemd unit and cloud-init for a tier
   demo          wake a sleeping simulated tier end to end on this machine

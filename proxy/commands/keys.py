@@ -1,8 +1,12 @@
-"""`spotinference keys add|list|revoke`: manage the keys file (hashes only).
+"""`spotinference keys add|list|revoke`: manage API keys in the keys file or the keys database.
 
 Strategy: the secret is printed once on stdout by `add` and exists nowhere else; `list` shows names,
-prefixes, limits and state, never a secret (it has none to show). Errors name the problem and exit 1.
-A running gateway picks changes up on SIGHUP (`systemctl reload spotinference`).
+prefixes, limits and state, never a secret (it has none to show). Every action takes exactly one store:
+`--keys-file FILE` (TOML, proxy/admit/keys.py; a running gateway picks changes up on SIGHUP,
+`systemctl reload spotinference`) or `--database-url URL` (PostgreSQL, proxy/admit/keys_db.py; every
+gateway host polls it and applies a change within a few seconds, no reload). Both print the same
+output. Errors name the problem and exit 1; a password in the URL is never printed (PGPASSWORD or
+~/.pgpass keep it out of the command line, too).
 """
 
 from __future__ import annotations
@@ -13,41 +17,57 @@ import sys
 from proxy.admit import keys
 
 
+def _store_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--keys-file", help="the TOML keys file")
+    g.add_argument("--database-url", help="the keys database, postgresql://USER@HOST:PORT/DB "
+                   "(password: PGPASSWORD or ~/.pgpass)")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="spotinference keys", description="Manage API keys.")
     sub = p.add_subparsers(dest="action", required=True)
     add = sub.add_parser("add", help="create a key and print its secret once")
     add.add_argument("name")
-    add.add_argument("--keys-file", required=True)
+    _store_args(add)
     add.add_argument("--rpm", type=int, help="requests per minute")
     add.add_argument("--tpm", type=int, help="tokens per minute")
     add.add_argument("--tiers", help="comma-separated tiers the key may use (default: all)")
     ls = sub.add_parser("list", help="list keys (names, prefixes, limits; never secrets)")
-    ls.add_argument("--keys-file", required=True)
+    _store_args(ls)
     rv = sub.add_parser("revoke", help="revoke a key")
     rv.add_argument("name")
-    rv.add_argument("--keys-file", required=True)
+    _store_args(rv)
     return p
 
 
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
+    db = args.database_url is not None
+    if db:
+        from proxy.admit import keys_db as store
+
+        target, where = args.database_url, f"the keys database at {store.where(args.database_url)}"
+        applied = "every gateway host refuses it within a few seconds (no reload needed)"
+    else:
+        store, target, where = keys, args.keys_file, args.keys_file
+        applied = "reload the gateway (SIGHUP) to apply"
     try:
         if args.action == "add":
             tiers = [t.strip() for t in args.tiers.split(",") if t.strip()] if args.tiers else []
-            secret = keys.add(args.keys_file, args.name, rpm=args.rpm, tpm=args.tpm, tiers=tiers)
+            secret = store.add(target, args.name, rpm=args.rpm, tpm=args.tpm, tiers=tiers)
             print(secret)
-            sys.stderr.write(f"key {args.name!r} added to {args.keys_file}; the secret above is shown only once.\n")
+            sys.stderr.write(f"key {args.name!r} added to {where}; the secret above is shown only once.\n")
         elif args.action == "list":
-            records = keys.read(args.keys_file).keys
+            records = store.records(target) if db else keys.read(target).keys
             print(f"{'NAME':<20} {'PREFIX':<12} {'RPM':>6} {'TPM':>9} {'TIERS':<20} {'STATE':<8} CREATED")
             for r in records:
                 print(f"{r.name:<20} {r.prefix:<12} {r.rpm if r.rpm is not None else '-':>6} "
                       f"{r.tpm if r.tpm is not None else '-':>9} {','.join(r.tiers) or '*':<20} "
                       f"{'revoked' if r.revoked else 'active':<8} {r.created}")
         elif args.action == "revoke":
-            keys.revoke(args.keys_file, args.name)
-            sys.stderr.write(f"key {args.name!r} revoked; reload the gateway (SIGHUP) to apply.\n")
+            store.revoke(target, args.name)
+            sys.stderr.write(f"key {args.name!r} revoked; {applied}.\n")
     except keys.KeysError as exc:
         sys.stderr.write(f"spotinference keys: {exc}\n")
         return 1

@@ -34,6 +34,12 @@ def reload(gw: Gateway, config_path: str | None) -> bool:
     if config.server.listen != old.config.server.listen or config.server.workers != old.config.server.workers:
         logs.event("reload_partial", level="warning",
                    reason="server.listen and server.workers change only on restart")
+    if config.cluster != old.config.cluster:
+        logs.event("reload_partial", level="warning", reason="[cluster] changes only on restart")
+    if config.auth.database_url:
+        if config.auth.database_url != old.config.auth.database_url:
+            logs.event("reload_partial", level="warning", reason="auth.database_url changes only on restart")
+        runtime = runtime._replace(keys=old.keys)  # the keys database's poller keeps them current
     for name, tier in runtime.router.tiers.items():
         prev = old.router.tiers.get(name)
         if prev is not None and prev.waker is not None and prev.config.wake == tier.config.wake \
