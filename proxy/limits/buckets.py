@@ -192,6 +192,8 @@ class RateLimiter:
     """Token buckets per key name, in this process. Not thread-safe; one per worker, used from its event
     loop. proxy/limits/shared_table.SharedRateLimiter has the same interface and results."""
 
+    remote = False  # answers synchronously (charge.py awaits only the cluster's limiter)
+
     def __init__(self, clock: Callable[[], float]) -> None:
         self._clock = clock
         self._requests: dict[str, Bucket] = {}

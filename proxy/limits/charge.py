@@ -8,7 +8,8 @@ than its tokens-per-minute allow; over the limit -> 429 with Retry-After and the
 when none came (no usage event, client gone, upstream failure) by an estimate, never by 0 -- otherwise
 every such request would be refunded in full and a key could run past its limit indefinitely.
 Under the supervisor each worker's share is the key's limit divided by `gw.limit_divisor` (1 with the
-shared table: exact limits across workers).
+shared table: exact limits across workers). With `[cluster] redis_url` the limiter is Redis's
+(limits/redis_buckets.py, exact across hosts): the only one that is awaited.
 """
 
 from __future__ import annotations
@@ -18,15 +19,21 @@ from proxy.exchange import Exchange
 from proxy.usage.taps import settlement
 
 
-def charge(gw, ex: Exchange, key, view, body_len: int) -> tuple[tuple[bytes, bytes], ...]:
+async def charge(gw, ex: Exchange, key, view, body_len: int) -> tuple[tuple[bytes, bytes], ...]:
     """Admit the request against `key`'s rpm/tpm; returns the x-ratelimit headers for the response.
-    Raises ApiError 429 when the key is over its limits. Records the tokens charged on `ex`."""
+    Raises ApiError 429 when the key is over its limits (503 when the cluster's limits cannot be
+    checked and `on_redis_failure` is "closed"). Records the tokens charged on `ex`."""
     if key is None or (key.rpm is None and key.tpm is None):
         return ()
     estimate = view.estimate_prompt_tokens(body_len) + (view.output_limit() or 0)
     w = gw.limit_divisor
-    adm = gw.limiter.admit(key.name, None if key.rpm is None else key.rpm / w,
-                           None if key.tpm is None else key.tpm / w, estimate)
+    rpm = None if key.rpm is None else key.rpm / w
+    tpm = None if key.tpm is None else key.tpm / w
+    limiter = gw.limiter
+    if limiter.remote:  # the cluster's buckets in Redis (limits/redis_buckets.py): one round trip
+        adm = await limiter.admit(key.name, rpm, tpm, estimate)
+    else:
+        adm = limiter.admit(key.name, rpm, tpm, estimate)
     if not adm.allowed:
         raise errors.rate_limited(adm.message(key.name), adm.retry_after_s, adm.headers)
     ex.charged_tokens = estimate if key.tpm is not None else 0

@@ -91,6 +91,8 @@ def _sane(cap: float, level: float, stamp: float) -> bool:
 class SharedRateLimiter:
     """`RateLimiter`'s interface over the shared table at `path`. One per worker process."""
 
+    remote = False  # answers synchronously (charge.py awaits only the cluster's limiter)
+
     def __init__(self, path: str, clock: Callable[[], float], *, workers: int = 1) -> None:
         self._clock = clock
         self._fd = os.open(path, os.O_RDWR)
