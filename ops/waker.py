@@ -25,6 +25,9 @@ state, join a waiting room and poke the controller (`_kick`). States (DESIGN.md 
   TerminateInstances for launch-template capacity.
 - Interruptions (SQS notices, failing /health, `report_unreachable`): the host leaves `upstreams()` at
   once; the controller restarts it once EC2 shows it stopped, or fails over.
+- Several gateway hosts (ops/lease.py): every EC2 call that changes instances needs the tier's lease
+  from the `TierLink` (one node starts, the others watch EC2 and probe until the tier is ready); a
+  notice read here is shared, and the notices other hosts shared are read at every poll.
 - Health: every probe result (readiness, then vLLM's /metrics) also feeds the host's record in a
   `backends.health.HealthBook` -- the one health mechanism of every tier: its own book, or the
   gateway's once `use_health` hands it over, so the gateway's requests in flight on a host this
@@ -54,6 +57,7 @@ from ops import budget
 from ops.budget import FALLBACK, LAUNCHED, PRIMARY, TIER, UP, Inventory, Member
 from ops.ec2 import Backoff, CapacityError, Clients, Ec2, Ec2Error, Instance, StateError
 from ops.interruptions import InterruptionQueue, Notice, poll_notices
+from ops.lease import LOCAL, TierLink
 from ops.settings import WakeConfig
 
 logger = logging.getLogger(__name__)
@@ -98,8 +102,10 @@ class Waker:
 
     def __init__(self, tier: str, settings: WakeConfig, upstreams: list[str], models: list[str], *,
                  upstream_api_key: str | None = None,
-                 on_wake_ready: Callable[[str, float], None] | None = None) -> None:
+                 on_wake_ready: Callable[[str, float], None] | None = None, link: TierLink | None = None) -> None:
         self.tier = tier
+        self._link = link or LOCAL  # the wake lease and shared notices (ops/lease.py)
+        self._shared_seen: set[str] = set()  # instance ids held for a notice another host shared
         self._on_wake_ready = on_wake_ready  # (tier, seconds from request to ready): the gateway's histogram
         self.settings = settings
         self.models = list(models)
@@ -270,7 +276,9 @@ class Waker:
             if self._routable:
                 wake.mark(budget.Phase.HEALTHY, now)
             if self._inventory.wake_complete(now, over_budget=wake.over_budget(now)):
-                return self._finish_wake(wake, now)
+                self._finish_wake(wake, now)
+                await self._link.release()
+                return
             if not any(m.awaited(now) for m in self._inventory.engaged_members()):
                 self._escalate("nothing left to wait for")  # terminated, out of capacity or doomed
             if wake.take_over_budget(now):
@@ -302,6 +310,7 @@ class Waker:
         assert self._idle is not None
         while self._state is TierState.READY:
             await self._nap(self.settings.poll_s)
+            await self._read_shared_notices()
             if self._state is not TierState.READY:
                 return
             activity = await self._probe(strict=False, activity=True)
@@ -326,6 +335,8 @@ class Waker:
                     mine = self._inventory.instances(everything=True)
                     stop = [m.instance_id for m in mine if m.group != LAUNCHED and m.ec2_state in UP]
                     drop = [m.instance_id for m in mine if m.group == LAUNCHED]
+                    if (stop or drop) and not await self._link.hold():
+                        stop = drop = []  # another node stops them: watch EC2 until they are stopped
                     if stop:
                         await self._call(self._ec2.stop, stop)
                         logger.info("StopInstances sent", extra={"tier": self.tier, "instance_ids": stop})
@@ -339,6 +350,7 @@ class Waker:
             except Ec2Error as exc:
                 logger.warning("stop failed; retrying", extra={"tier": self.tier, "code": exc.code})
             await self._nap(self.settings.poll_s)
+        await self._link.release()
         self._reset()
         self._set_state(TierState.ASLEEP)
 
@@ -367,11 +379,16 @@ class Waker:
         return True
 
     async def _start_stopped(self, wake: budget.Wake | None) -> None:
+        held: bool | None = None  # asked once, and only when there is something to start
         for group in (PRIMARY, FALLBACK, LAUNCHED):
             now = trio.current_time()
             ids = self._inventory.startable(group, now)
             if not ids:
                 continue
+            if held is None:
+                held = await self._link.hold()
+            if not held:
+                return  # another node holds the tier's lease: it starts them; we watch
             try:
                 await self._call(self._ec2.start, ids)
             except CapacityError as exc:
@@ -393,6 +410,9 @@ class Waker:
     async def _launch(self) -> None:
         template = self.settings.fallback_launch_template
         assert template is not None
+        if not await self._link.hold():
+            self._launch_wanted = True  # the holder launches; ask again at the next poll
+            return
         count = max(1, len(self.settings.instance_ids))
         token = f"{self.tier}-{uuid.uuid4().hex[:16]}"  # a retried RunInstances launches nothing twice
         try:
@@ -456,16 +476,32 @@ class Waker:
         member = self._inventory.by_instance(notice.instance_id)
         if member is None:
             return False  # another tier's instance: leave the message to it
+        self._link.share(notice.instance_id, notice.kind, self.settings.interruption_hold_s)
+        self._hold_member(member, notice.kind, notice.action, shared=False)
+        return True
+
+    async def _read_shared_notices(self) -> None:
+        """Notices another host read from SQS (ops/lease.py): acted on here as if read here."""
+        ids = [m.instance_id for m in self._inventory.instances(everything=True) if m.instance_id]
+        shared = await self._link.notices(ids)
+        self._shared_seen &= set(shared)  # a notice that expired may come again
+        for instance_id, kind in shared.items():
+            member = self._inventory.by_instance(instance_id)
+            if member is None or instance_id in self._shared_seen or member.held(trio.current_time()):
+                continue
+            self._shared_seen.add(instance_id)
+            self._hold_member(member, kind, None, shared=True)
+
+    def _hold_member(self, member: Member, kind: str, action: str | None, *, shared: bool) -> None:
         member.hold_until = trio.current_time() + self.settings.interruption_hold_s
         self._counts["interruptions"] += 1
         logger.warning("spot notice: host out of rotation", extra={
-            "tier": self.tier, "instance_id": notice.instance_id, "kind": notice.kind,
-            "action": notice.action, "upstream": member.url})
+            "tier": self.tier, "instance_id": member.instance_id, "kind": kind,
+            "action": action, "upstream": member.url, "shared": shared})
         self._update_routable()
         if not self._routable and member.group in self._inventory.engaged:
-            self._escalate(notice.kind)
+            self._escalate(kind)
         self._kick.set()
-        return True
 
     # ---- small helpers ------------------------------------------------------------------------------
 

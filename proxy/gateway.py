@@ -3,7 +3,8 @@
 Strategy: everything a request needs hangs off one `Gateway` (no eight-argument constructors threaded
 through layers). The swappable part -- config, keys, router -- lives in one immutable `Runtime`
 record replaced whole on reload (process/reload.py), so a request sees one consistent view.
-Long-lived services (upstream pool, usage log, metrics, rate limiter, wakers) outlive reloads.
+Long-lived services (upstream pool, usage log, metrics, rate limiter, wakers, the cluster's Redis link)
+outlive reloads; `[cluster]` is read once, at start.
 The request path calls back into it at three points: `dispatch` (a parsed head, from
 accept/connection.py), `request_finished` (the record of a finished request, from `Exchange.finish`)
 and `connection_opened` / `connection_closed`. process/services.py starts and serves it.
@@ -40,7 +41,9 @@ class Runtime(NamedTuple):
 
 def build_runtime(config: Config, *, created: int | None = None) -> Runtime:
     """Load the keys file (if any) and build the router; raises ConfigError/KeysError."""
-    if config.auth.keys_file:
+    if config.auth.database_url:
+        keys = KeyStore([])  # refuses everyone until the keys database's first load (services.py)
+    elif config.auth.keys_file:
         if not os.path.exists(config.auth.keys_file):
             raise KeysError(f"keys file {config.auth.keys_file} does not exist "
                             "(create it with `spotinference keys add NAME --keys-file FILE`)")
@@ -63,6 +66,9 @@ class Gateway:
         self.workers = max(1, workers)
         # Under the supervisor: one shared bucket table, exact limits (divisor 1); see limits/shared_table.
         self.limiter, self.limit_divisor = open_limiter(self.workers, time.monotonic)
+        self.cluster = None  # cluster/link.ClusterLink with [cluster] redis_url: limits, leases, homes shared
+        if runtime.config.cluster.redis_url:
+            self._join_cluster(runtime.config.cluster)
         self.usage = None  # UsageLog, started by run_gateway when [usage] path is set
         self.open_connections = 0
         self.connections: set = set()  # open Downstream objects (a drain closes the idle ones)
@@ -70,6 +76,32 @@ class Gateway:
         self.services: trio.Nursery | None = None  # long-lived tasks: usage writer, metrics, wakers
         self._waker_scopes: dict = {}  # running waker -> its cancel scope (run_waker, stop_waker)
         self.metrics.register_stats_source("upstream_pool", self.pool.statistics)
+
+    def use_keys(self, store: KeyStore) -> None:
+        """A new key store (the keys database changed): swapped in whole; revoked keys' buckets go."""
+        old = self.runtime
+        self.runtime = old._replace(keys=store)
+        for name in old.keys.names() - store.names():
+            self.limiter.forget(name)
+
+    def _join_cluster(self, config) -> None:
+        from proxy.cluster.link import ClusterLink
+        from proxy.limits.redis_buckets import RedisRateLimiter
+        from proxy.routing.redis_homes import RedisHomes
+
+        self.cluster = ClusterLink(config)
+        self.limiter = RedisRateLimiter(self.cluster, self.limiter)  # this host's limiter: the fallback
+        self.limit_divisor = 1
+        self.homes = RedisHomes(self.cluster, self.homes, ttl_s=config.homes_ttl_s)
+
+    async def run_cluster(self, services: trio.Nursery) -> None:
+        """Start the cluster's service tasks (the Redis link's prober, settles, homes) in `services`."""
+        if self.cluster is None:
+            return
+        await services.start(self.cluster.run)
+        services.start_soon(self.limiter.run)
+        services.start_soon(self.homes.run)
+        self.metrics.register_stats_source("cluster", self.cluster.statistics)
 
     @property
     def draining(self) -> bool:
@@ -79,13 +111,16 @@ class Gateway:
         """Create (and, once serving, start) a waker for every tier with `[tiers.wake]` lacking one."""
         from ops.waker import Waker
 
+        if self.cluster is not None:
+            from proxy.cluster.lease import RedisTierLink
         created = []
         for tier in self.runtime.router.tiers.values():
             cfg = tier.config
             if cfg.wake is None or tier.waker is not None:
                 continue
             tier.waker = Waker(cfg.name, cfg.wake, list(cfg.upstreams), list(cfg.models),
-                               upstream_api_key=cfg.upstream_api_key, on_wake_ready=self.metrics.wake_ready)
+                               upstream_api_key=cfg.upstream_api_key, on_wake_ready=self.metrics.wake_ready,
+                               link=None if self.cluster is None else RedisTierLink(self.cluster, cfg.name))
             created.append(tier.waker)
             if self.services is not None:
                 self.services.start_soon(self.run_waker, tier.waker)

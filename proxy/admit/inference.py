@@ -84,7 +84,7 @@ async def forward_inference(gw, ds: Downstream, ex: Exchange, request, key, rest
     view = DECODERS[target_path(request.target)](body)
     pin = None
     if view.api == "responses" and view.previous_response_id is not None:
-        home = gw.homes.home(view.previous_response_id)
+        home = await gw.homes.lookup(view.previous_response_id)
         if home is not None:
             pin = Pin(home[1], strict=False)
     await _admit_and_forward(gw, ds, ex, request, key, view, body, pin)
@@ -123,7 +123,7 @@ async def _admit_and_forward(gw, ds, ex, request, key, view, body: bytes, pin) -
     ex.tier = tier.name
     if key is not None and not key.allows_tier(tier.name):
         raise errors.permission_denied(f"This API key may not use tier '{tier.name}' (model '{ex.model}').")
-    limit_headers = charge(gw, ex, key, view, len(body))
+    limit_headers = await charge(gw, ex, key, view, len(body))
     body, tap = choose_tap(view, body)
     await forward_to_tier(gw, ds, ex, tier, request, body, limit_headers, tap, pin=pin)
 
@@ -131,7 +131,7 @@ async def _admit_and_forward(gw, ds, ex, request, key, view, body: bytes, pin) -
 async def forward_stored(gw, ds: Downstream, ex: Exchange, request, key, rest: bytes) -> None:
     """`GET /v1/responses/{id}` and `POST /v1/responses/{id}/cancel` (routes.py checked the shape)."""
     response_id = rest.partition(b"/")[0].decode("latin-1")
-    home = gw.homes.home(response_id)
+    home = await gw.homes.lookup(response_id)
     if home is None:
         raise errors.unknown_response(response_id[:256])
     tier = gw.runtime.router.tiers.get(home[0])
@@ -147,6 +147,6 @@ async def forward_stored(gw, ds: Downstream, ex: Exchange, request, key, rest: b
         limit = ds.limits.max_body_bytes
         check_declared(request, limit)
         body = await ds.read_body(limit, request)
-    limit_headers = charge(gw, ex, key, NoTokenCharge, 0)
+    limit_headers = await charge(gw, ex, key, NoTokenCharge, 0)
     await forward_to_tier(gw, ds, ex, tier, request, body, limit_headers, None,
                           pin=Pin(home[1], strict=True, response_id=response_id))

@@ -9,7 +9,7 @@ and age: one dict, O(1) both ways, nothing on the hot path of other endpoints. I
 upstream, never from a client, so a client cannot fill it; a client only looks up.
 Scope: one gateway process; under the supervisor the workers share one table instead
 (shared_homes.py, same interface). A gateway restart forgets: a retrieve is then 404 (the upstream
-may still hold it). The scale-out issue moves the map to Redis.
+may still hold it). With `[cluster]` the map is the cluster's, in Redis (redis_homes.py).
 """
 
 from __future__ import annotations
@@ -42,6 +42,10 @@ class ResponseHomes:
         m.move_to_end(response_id)
         while len(m) > self.max_entries:
             m.popitem(last=False)
+
+    async def lookup(self, response_id: str) -> tuple[str, str] | None:
+        """`home`, awaitable: the request path's one call, whichever map serves (redis_homes.py)."""
+        return self.home(response_id)
 
     def home(self, response_id: str) -> tuple[str, str] | None:
         """(tier name, upstream "host:port") that holds `response_id`, or None (unknown or expired)."""

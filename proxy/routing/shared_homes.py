@@ -125,6 +125,10 @@ class SharedHomes:
         finally:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
 
+    async def lookup(self, response_id: str) -> tuple[str, str] | None:
+        """`home`, awaitable: the request path's one call, whichever map serves (redis_homes.py)."""
+        return self.home(response_id)
+
     def home(self, response_id: str) -> tuple[str, str] | None:
         h = _hash(response_id)
         base = self._base(h)
