@@ -1,11 +1,14 @@
 """`spotinference usage`: report the usage log per key, model or tier.
 
-Strategy: read-only SQL over the table `proxy.usage.log` writes (opened with ``mode=ro``, so a report never
-creates or changes a database, and runs beside a live gateway thanks to WAL). Counts and token sums are
-one GROUP BY; latency percentiles (nearest rank) come from a second query ordered by group and latency,
-consumed as a stream, so memory stays flat however large the log. Errors are rows with status >= 400
-(499 included: the client went away). A missing, unreadable or foreign file is a one-line message and
-exit status 2, never a traceback.
+Strategy: read-only SQL over the table `proxy.usage.log` writes: a SQLite file (``--db``, opened with
+``mode=ro``, so a report never creates or changes a database, and runs beside a live gateway thanks to
+WAL) or the PostgreSQL database of several hosts (``--database-url``, a read-only transaction), or
+whichever ``--config``'s ``[usage]`` names. The SQL is the same for both (only the placeholder differs).
+Counts and token sums are one GROUP BY; latency percentiles (nearest rank) come from a second query
+ordered by group and latency, consumed as a stream (PostgreSQL: a server-side cursor), so memory stays
+flat however large the log. Errors are rows with status >= 400 (499 included: the client went away).
+A missing, unreadable or foreign file, or an unreachable server, is a one-line message (a URL without
+its password) and exit status 2, never a traceback.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import Any
 
 _GROUP_COLUMN = {"key": "key_name", "model": "model", "tier": "tier"}
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_PROBE = "SELECT ts, status, latency_ms, key_name, model, tier FROM usage LIMIT 1"
 _FIELDS = ("requests", "errors", "prompt_tokens", "completion_tokens", "estimated", "p50_ms", "p95_ms")
 
 
@@ -44,10 +48,74 @@ def _connect(path: str) -> sqlite3.Connection:
         raise UsageReportError(f"no usage database at {path}")
     try:
         conn = sqlite3.connect(f"{p.resolve().as_uri()}?mode=ro", uri=True, timeout=10.0)
-        conn.execute("SELECT ts, status, latency_ms, key_name, model, tier FROM usage LIMIT 1").fetchall()
+        conn.execute(_PROBE).fetchall()
     except sqlite3.DatabaseError as exc:
         raise UsageReportError(f"{path} is not a readable usage database ({exc})") from None
     return conn
+
+
+def _connect_pg(url: str):
+    try:
+        import psycopg
+    except ImportError:
+        raise UsageReportError("--database-url needs psycopg: pip install 'spotinference[cluster]'") from None
+    from proxy.observe.redact import redact_url, scrub
+
+    try:
+        conn = psycopg.connect(url, connect_timeout=10, application_name="spotinference-usage-report")
+    except psycopg.Error as exc:
+        raise UsageReportError(f"cannot connect to {redact_url(url)} "
+                               f"({scrub(_first_line(exc), url)})") from None
+    try:
+        conn.read_only = True  # a report never changes the database
+        conn.execute(_PROBE).fetchall()
+    except psycopg.Error as exc:
+        conn.close()
+        raise UsageReportError(f"{redact_url(url)} has no readable usage table "
+                               f"({scrub(_first_line(exc), url)})") from None
+    return conn
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+class _Source:
+    """One database to report on: its connection, placeholder, error types and a streaming cursor."""
+
+    def __init__(self, path: str | None, database_url: str | None) -> None:
+        if database_url is not None:
+            import psycopg
+
+            from proxy.observe.redact import redact_url
+
+            self.conn = _connect_pg(database_url)
+            self.ph, self.errors, self.name = "%s", psycopg.Error, redact_url(database_url)
+        else:
+            assert path is not None
+            self.conn = _connect(path)
+            self.ph, self.errors, self.name = "?", sqlite3.DatabaseError, path
+        self.pg, self.url = database_url is not None, database_url or ""
+
+    def rows(self, sql: str, params: tuple):
+        """All result rows, as a stream (PostgreSQL: a server-side cursor, memory stays flat)."""
+        if not self.pg:
+            yield from self.conn.execute(sql, params)
+            return
+        with self.conn.cursor(name="usage_report") as cur:
+            cur.itersize = 10000
+            cur.execute(sql, params)
+            yield from cur
+
+    def explain(self, exc: BaseException) -> str:
+        if not self.pg:
+            return _first_line(exc)
+        from proxy.observe.redact import scrub
+
+        return scrub(_first_line(exc), self.url)
+
+    def close(self) -> None:
+        self.conn.close()
 
 
 def _percentile_rank(n: int, q: float) -> int:
@@ -55,30 +123,33 @@ def _percentile_rank(n: int, q: float) -> int:
     return max(1, math.ceil(q * n))
 
 
-def report(path: str, since_s: float | None, by: str, now: float | None = None) -> list[dict[str, Any]]:
-    """One dict per group, sorted by requests (most first), then name."""
+def report(path: str | None, since_s: float | None, by: str, now: float | None = None, *,
+           database_url: str | None = None) -> list[dict[str, Any]]:
+    """One dict per group, sorted by requests (most first), then name. The SQLite file at `path`, or
+    the PostgreSQL database at `database_url`."""
     col = _GROUP_COLUMN[by]
-    cutoff = float("-inf")
+    src = _Source(path, database_url)
+    where, params = "", ()
     if since_s is not None:
-        cutoff = (time.time() if now is None else now) - since_s
-    conn = _connect(path)
+        where, params = f" WHERE ts >= {src.ph}", ((time.time() if now is None else now) - since_s,)
     try:
         groups: dict[Any, dict[str, Any]] = {}
         try:
-            for g, req, err, pt, ct, est, nlat in conn.execute(
-                f"SELECT {col}, count(*), sum(status >= 400), total(prompt_tokens), "
-                f"total(completion_tokens), "
-                f"sum(estimated), count(latency_ms) FROM usage WHERE ts >= ? GROUP BY {col}",
-                (cutoff,),
+            for g, req, err, pt, ct, est, nlat in src.rows(
+                f"SELECT {col}, count(*), sum(CASE WHEN status >= 400 THEN 1 ELSE 0 END), "
+                f"coalesce(sum(prompt_tokens), 0), coalesce(sum(completion_tokens), 0), "
+                f"sum(CASE WHEN estimated THEN 1 ELSE 0 END), count(latency_ms) "
+                f"FROM usage{where} GROUP BY {col}",
+                params,
             ):
-                groups[g] = {by: g, "requests": req, "errors": err or 0, "prompt_tokens": int(pt),
-                             "completion_tokens": int(ct), "estimated": est or 0, "p50_ms": None,
+                groups[g] = {by: g, "requests": req, "errors": int(err or 0), "prompt_tokens": int(pt),
+                             "completion_tokens": int(ct), "estimated": int(est or 0), "p50_ms": None,
                              "p95_ms": None, "_n": nlat}
             current, rank = object(), 0
-            for g, lat in conn.execute(
-                f"SELECT {col}, latency_ms FROM usage WHERE ts >= ? AND latency_ms IS NOT NULL "
-                f"ORDER BY {col}, latency_ms",
-                (cutoff,),
+            for g, lat in src.rows(
+                f"SELECT {col}, latency_ms FROM usage{where}{' AND' if where else ' WHERE'} "
+                f"latency_ms IS NOT NULL ORDER BY {col}, latency_ms",
+                params,
             ):
                 if g != current:
                     current, rank = g, 0
@@ -89,10 +160,10 @@ def report(path: str, since_s: float | None, by: str, now: float | None = None) 
                     row["p50_ms"] = lat
                 if rank == r95:
                     row["p95_ms"] = lat
-        except sqlite3.DatabaseError as exc:
-            raise UsageReportError(f"{path}: cannot read the usage table ({exc})") from None
+        except src.errors as exc:
+            raise UsageReportError(f"{src.name}: cannot read the usage table ({src.explain(exc)})") from None
     finally:
-        conn.close()
+        src.close()
     rows = sorted(groups.values(), key=lambda r: (-r["requests"], str(r[by])))
     for r in rows:
         del r["_n"]
@@ -128,9 +199,29 @@ def _print_table(rows: list[dict[str, Any]], by: str, since: str | None, out) ->
     Console(file=out, soft_wrap=True).print(table)
 
 
+def _where(args) -> tuple[str | None, str | None]:
+    """(SQLite path, PostgreSQL URL) from --db, --database-url or the config's [usage] section."""
+    if args.config is None:
+        return args.db, args.database_url
+    from proxy.config import ConfigError, load
+
+    try:
+        usage = load(args.config).usage
+    except ConfigError as exc:
+        raise UsageReportError(f"{args.config}: {exc}") from None
+    if usage.database_url is None and usage.path is None:
+        raise UsageReportError(f"{args.config}: [usage] names no database (path or database_url)")
+    return usage.path, usage.database_url
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="spotinference usage", description="Report the usage log.")
-    parser.add_argument("--db", required=True, help="the usage SQLite file ([usage] path)")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--db", help="the usage SQLite file ([usage] path)")
+    where.add_argument("--database-url", metavar="URL",
+                       help="the usage PostgreSQL database ([usage] database_url)")
+    where.add_argument("--config", metavar="FILE",
+                       help="the gateway's config file: whichever [usage] names (path or database_url)")
     parser.add_argument("--since", default=None, metavar="DURATION",
                         help="only requests newer than this (30m, 24h, 7d); default: all")
     parser.add_argument("--by", choices=sorted(_GROUP_COLUMN), default="key")
@@ -146,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # argparse has printed its message (or --help)
         return int(exc.code or 0)
     try:
-        rows = report(args.db, since_s, args.by)
+        path, url = _where(args)
+        rows = report(path, since_s, args.by, database_url=url)
     except UsageReportError as exc:
         sys.stderr.write(f"spotinference usage: {exc}\n")
         return 2

@@ -50,7 +50,7 @@ def run_supervisor(config: Config, config_path: str, sock=None) -> int:
     from proxy.limits import shared_table
     from proxy.observe.metrics import prepare_multiproc_dir, worker_exited
     from proxy.routing import shared_homes
-    from proxy.usage.log import recover_spills
+    from proxy.usage.log import recover_usage_spills
 
     if sock is None:
         host, port = parse_listen(config.server.listen)
@@ -64,10 +64,9 @@ def run_supervisor(config: Config, config_path: str, sock=None) -> int:
     env[shared_table.ENV] = ratelimit_table
     homes_table = shared_homes.create_homes_table()
     env[shared_homes.ENV] = homes_table
-    if config.usage.path:
-        recovered = recover_spills(config.usage.path)
-        if recovered:
-            logs.event("usage_spill_recovered", rows=recovered)
+    recovered = recover_usage_spills(config.usage)
+    if recovered:
+        logs.event("usage_spill_recovered", rows=recovered)
 
     stop = {"signal": None}
     hup = {"pending": False}

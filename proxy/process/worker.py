@@ -3,7 +3,8 @@
 Strategy: the supervisor (supervisor.py) binds the listening socket once and passes its descriptor;
 the worker wraps it, asks the kernel to SIGTERM it should the supervisor die (even by SIGKILL: no
 orphans keep serving a port nobody manages), and runs the same `serve_process` as a single-process
-gateway, with its own usage spill file (`<usage path>.spill.w<index>.jsonl`).
+gateway, with its own usage spill file (`<usage path>.spill.w<index>.jsonl`; PostgreSQL:
+`<spill_dir>/usage.spill.w<index>.jsonl`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import trio
 from proxy.config import load
 from proxy.observe import logs
 from proxy.process.serve import serve_process
+from proxy.usage.log import worker_spill_path
 
 
 def _die_with_parent() -> None:
@@ -50,7 +52,7 @@ def main(argv: list[str]) -> int:
     logs.configure(config.log.level, config.log.access)
     sock = socket.socket(fileno=args.fd)
     sock.setblocking(False)
-    spill = f"{config.usage.path}.spill.w{args.index}.jsonl" if config.usage.path else None
+    spill = worker_spill_path(config.usage, args.index)
     trio.run(functools.partial(serve_process, config, args.config, sock=sock, workers=args.workers,
                                spill_path=spill, announce=False,
                                restarted=str(args.index) if args.restarted else None))

@@ -1,0 +1,117 @@
+"""What the usage writer (log.py) needs from a database: the row, the spill-line format, the store contract.
+
+Strategy: `UsageLog` owns queueing, batching, spilling and retrying; a store only talks to one database,
+blocking, always from a worker thread (`trio.to_thread.run_sync`, one call at a time). A store:
+* `open()` connects (closing any earlier connection) and brings the schema up to date, refusing a newer
+  one with `UsageSchemaError`;
+* `insert(items)` writes ``(uid, row)`` pairs in one transaction, idempotently: a uid already in the
+  table is skipped, so a batch re-sent after a lost acknowledgement adds nothing;
+* `import_spill(path)` inserts a spill file's rows (in chunks of `IMPORT_CHUNK`, each idempotent) and
+  removes the file;
+* `close()`; `errors`, the exception types of a failing database (the writer spills and retries on
+  them); `fail_fast`, whether a failure of the first `open()` is fatal (SQLite: a bad path is a config
+  error) or just the database being down (PostgreSQL: serving goes on, the writer retries);
+  `describe()`, the database for log lines, and `explain(exc)`, a failure on one line (never a
+  password).
+
+The spill file is JSON lines ``{"uid": ..., "row": {...}}``; every row gets its uid when it is recorded,
+so the uid travels with the row from the queue to the database or the spill file and back.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from typing import BinaryIO, Protocol
+
+import msgspec
+
+log = logging.getLogger(__name__)
+
+IMPORT_CHUNK = 5000  # spill rows per import transaction: memory stays flat however long the outage
+
+
+class UsageRow(msgspec.Struct, kw_only=True):
+    """One request. Times in milliseconds; ``ts`` is the unix time the request arrived."""
+
+    ts: float
+    request_id: str
+    key_name: str | None = None
+    model: str | None = None
+    tier: str | None = None
+    endpoint: str = ""
+    stream: bool = False
+    status: int = 0
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    total_tokens: int | None = None
+    estimated: bool = False
+    ttfb_ms: float | None = None
+    latency_ms: float | None = None
+    wake_ms: float | None = None
+    upstream: str | None = None
+    error_type: str | None = None
+
+
+COLUMNS: tuple[str, ...] = UsageRow.__struct_fields__
+Item = tuple[str, UsageRow]  # (uid, row)
+
+
+class UsageSchemaError(RuntimeError):
+    """The database was written by a newer version of the gateway, or is not a usage log."""
+
+
+class UsageStore(Protocol):
+    errors: tuple[type[BaseException], ...]
+    fail_fast: bool
+
+    def describe(self) -> str: ...
+    def explain(self, exc: BaseException) -> str: ...
+    def open(self) -> None: ...
+    def insert(self, items: Sequence[Item]) -> None: ...
+    def import_spill(self, path: str) -> int: ...
+    def close(self) -> None: ...
+
+
+class _Spill(msgspec.Struct):
+    uid: str
+    row: UsageRow
+
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(_Spill)
+
+
+def encode_spill(items: Sequence[Item]) -> bytes:
+    """Spill lines for ``(uid, row)`` pairs, newline-terminated."""
+    return b"".join(_encoder.encode(_Spill(uid=uid, row=row)) + b"\n" for uid, row in items)
+
+
+def read_spill(path: str, chunk: int = IMPORT_CHUNK) -> Iterator[list[Item]]:
+    """The pairs of a spill file, `chunk` at a time (nothing when the file is missing). Blocking.
+
+    Lines that do not decode (a torn last line after a crash) are logged and skipped.
+    """
+    try:
+        with open(path, "rb") as f:
+            yield from _chunks(f, path, chunk)
+    except FileNotFoundError:
+        return
+
+
+def _chunks(f: BinaryIO, path: str, chunk: int) -> Iterator[list[Item]]:
+    items: list[Item] = []
+    for n, line in enumerate(f, 1):
+        if not line.strip():
+            continue
+        try:
+            s = _decoder.decode(line)
+        except msgspec.DecodeError:
+            log.warning("usage spill %s: line %d is not a usage row; skipped", path, n)
+            continue
+        items.append((s.uid, s.row))
+        if len(items) >= chunk:
+            yield items
+            items = []
+    if items:
+        yield items
