@@ -274,7 +274,7 @@ def _validate_stores(cfg: Config) -> None:
         if db and not db.isdigit():
             raise ConfigError(f"field 'cluster.redis_url': the database must be a number, got {db!r}")
         try:
-            parts.port
+            _ = parts.port
         except ValueError:
             raise ConfigError(f"field 'cluster.redis_url': bad port in {c.redis_url!r}") from None
     if c.on_redis_failure not in ("local", "closed"):

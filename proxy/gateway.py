@@ -69,7 +69,7 @@ class Gateway:
         self.cluster = None  # cluster/link.ClusterLink with [cluster] redis_url: limits, leases, homes shared
         if runtime.config.cluster.redis_url:
             self._join_cluster(runtime.config.cluster)
-        self.usage = None  # UsageLog, started by run_gateway when [usage] path is set
+        self.usage = None  # UsageLog, started by run_gateway when [usage] path or database_url is set
         self.open_connections = 0
         self.connections: set = set()  # open Downstream objects (a drain closes the idle ones)
         self.server = None  # proxy.accept.listener.Server, set when serving

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import os
 import socket
-from urllib.parse import urlsplit
 
 import msgspec
 import trio
 
 from proxy.cluster.redis import RedisClient, RedisUnavailable
 from proxy.observe import logs
+from proxy.observe.redact import redact_url
 
 
 class ClusterStatistics(msgspec.Struct, frozen=True):
@@ -29,14 +29,6 @@ class ClusterStatistics(msgspec.Struct, frozen=True):
     redis_failures_total: int  # outages begun (each logged once)
     redis_fallbacks_total: int  # requests served on this host's own limits during an outage
     redis_refused_total: int  # requests refused (503) during an outage, on_redis_failure = "closed"
-
-
-def redacted(url: str) -> str:
-    """`url` without its password, for logs and messages."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{host}{port}{parts.path}"
 
 
 def node_name() -> str:
@@ -49,7 +41,7 @@ class ClusterLink:
     def __init__(self, config, *, client: RedisClient | None = None, node: str | None = None) -> None:
         self.config = config  # proxy.config.ClusterConfig
         self.client = client or RedisClient(config.redis_url, timeout_s=config.timeout_s)
-        self.where = redacted(config.redis_url)
+        self.where = redact_url(config.redis_url)
         self.closed = config.on_redis_failure == "closed"
         self.node = node or node_name()
         self.up = True

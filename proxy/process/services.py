@@ -1,8 +1,8 @@
 """One gateway's serving life inside a trio run: its background services, then the listener.
 
 Strategy: the services (usage writer, metrics refresher, log flusher, the vanished-client sweeper,
-one waker per sleeping tier) live in an outer nursery that outlives the connections, so when the
-listener has drained, the usage log is flushed last (shielded) and nothing in flight is lost. Wakers
+one waker per sleeping tier, the cluster's Redis link, the keys database's poller) live in an outer
+nursery that outlives the connections, so when the listener has drained, the usage log is flushed last (shielded) and nothing in flight is lost. Wakers
 start before the first connection is accepted (each describes its instances first: restart-safe).
 `run_gateway` reports the bound address through `task_status` and serves until cancelled or drained.
 Active health (backends/health.py): one `HealthBook` per worker, attached to every tier (and handed to
@@ -24,7 +24,7 @@ from proxy.accept.vanished import run_sweeper
 from proxy.config import Config
 from proxy.gateway import Gateway, build_runtime
 from proxy.observe import logs
-from proxy.usage.log import UsageLog
+from proxy.usage.log import open_usage_log
 
 
 async def run_gateway(config: Config, *, gateway: Gateway | None = None, sock=None, spill_path: str | None = None,
@@ -35,13 +35,18 @@ async def run_gateway(config: Config, *, gateway: Gateway | None = None, sock=No
     runtime = gw.runtime
     try:
         async with trio.open_nursery() as services:
-            if config.usage.path and gw.usage is None:
-                u = config.usage
-                gw.usage = UsageLog(u.path, queue_max=u.queue_max, batch_max=u.batch_max, flush_s=u.flush_s,
-                                    spill_path=spill_path)
+            if gw.usage is None:
+                gw.usage = open_usage_log(config.usage, spill_path=spill_path)
             if gw.usage is not None:
                 await services.start(gw.usage.run)
                 gw.metrics.register_stats_source("usage", gw.usage.statistics)
+            await gw.run_cluster(services)  # [cluster]: the Redis link first (limits, leases, homes)
+            if config.auth.database_url:  # keys in PostgreSQL: loaded before the first request, then polled
+                from proxy.admit.keys_refresh import KeysRefresher
+
+                refresher = KeysRefresher(config.auth.database_url, config.auth.refresh_s, gw.use_keys)
+                gw.use_keys(await services.start(refresher.run))
+                gw.metrics.register_stats_source("keys_db", refresher.statistics)
             services.start_soon(gw.metrics.run)
             services.start_soon(logs.run_flusher)
             services.start_soon(run_sweeper, gw.connections)

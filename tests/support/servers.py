@@ -72,12 +72,11 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/{db}"
 
     def start(self) -> None:
-        log = open(self.workdir / "redis.log", "ab")
-        self.proc = subprocess.Popen(
-            [self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.workdir), "--databases", "64", "--protected-mode", "no"],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        log.close()
+        with open(self.workdir / "redis.log", "ab") as log:
+            self.proc = subprocess.Popen(
+                [self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                 "--dir", str(self.workdir), "--databases", "64", "--protected-mode", "no"],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         _wait_port(self.port, self.proc, "redis-server")
 
     def stop(self) -> None:
@@ -143,8 +142,8 @@ class PostgresServer:
         cmd = [os.path.join(self.bindir, argv[0]), *argv[1:]]
         if self.as_root:
             cmd = ["runuser", "-u", "postgres", "--", *cmd]
-        r = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout,
-                           cwd=str(self.datadir))
+        r = subprocess.run(cmd, check=False, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                           timeout=timeout, cwd=str(self.datadir))
         if r.returncode != 0:
             raise AssertionError(f"{' '.join(argv[:2])} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
 
