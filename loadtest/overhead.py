@@ -26,7 +26,8 @@ Rules that make the numbers mean something:
 Layout: this module is the command (`main(argv)`: arguments, the run, the outputs). The HTTP client is
 loadtest/rawhttp.py; targets, stats and the interleaved slices loadtest/overhead_load.py; the
 processes under test loadtest/overhead_rig.py; the plan, the cells and their rows
-loadtest/overhead_cells.py; the table, Markdown and metadata loadtest/overhead_report.py. Their public
+loadtest/overhead_cells.py; `--limits` (a limited key, buckets in the mmap table vs Redis)
+loadtest/overhead_limits.py; the table, Markdown and metadata loadtest/overhead_report.py. Their public
 names are re-exported here, so `from loadtest import overhead as o; o.run_cell(...)` keeps working.
 """
 
@@ -53,6 +54,7 @@ from loadtest.overhead_cells import (
     measure,
     throughput_row,
 )
+from loadtest.overhead_limits import run_limits
 from loadtest.overhead_load import (
     CONN_ERROR_BACKOFF_S,
     DRAIN_TIMEOUT_S,
@@ -104,6 +106,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="seconds per target per latency cell, in 0.5 s interleaved slices (default 3)")
     p.add_argument("--markdown", type=Path, metavar="FILE", help="also write the table as Markdown")
     p.add_argument("--no-nginx", action="store_true", help="leave nginx out even if installed")
+    p.add_argument("--limits", action="store_true",
+                   help="also measure a rate-limited key: buckets in the workers' mmap table vs in Redis "
+                        "(starts its own redis-server; skipped with a note if it is not installed)")
     p.add_argument("--workdir", type=Path, help="keep configs and process logs here (default: temp dir)")
     return p.parse_args(argv)
 
@@ -136,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             rows = trio.run(measure, rig, plan, None, lambda msg: err.print(msg))
             rig.check_alive()
+            if args.limits:
+                limit_rows, meta["limits"] = run_limits(rig, plan, workdir, stack, lambda msg: err.print(msg))
+                rows += limit_rows
         except ProcessDied as exc:
             err.print(f"[red]aborted:[/red] {exc}")
             return 2

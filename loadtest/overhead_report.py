@@ -4,9 +4,10 @@ Strategy: pure functions of the rows built by loadtest/overhead_cells.py. `table
 text cells once; `render` (rich, imported lazily) and `markdown` lay out the same cells, so the
 terminal table, `--markdown` and what docs/BENCHMARKS.md pastes cannot drift apart. Latency rows show
 direct as absolute and +nginx/+gateway as ADDED P50/P95/P99; throughput rows show sustained rates.
-`run_meta` records what a reader needs to judge the numbers: date, mode, machine (CPUs, model,
-kernel, load average), versions (spotinference and its commit, Python, trio, h11, msgspec, nginx),
-the plan and the upstream profiles. Nothing here measures or starts anything but `nginx -v` and git.
+Rows of kind "limits" (`--limits`) get their own small table after it, with the cells of
+loadtest/overhead_limits.py. `run_meta` records what a reader needs to judge the numbers: date, mode,
+machine (CPUs, model, kernel, load average), versions (spotinference and its commit, Python, trio, h11,
+msgspec, nginx), the plan and the upstream profiles. Nothing here measures or starts anything but `nginx -v` and git.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from loadtest import overhead_limits as ol
 from loadtest import procs
 from loadtest.overhead_rig import PROFILES
 
@@ -67,9 +69,10 @@ COLUMNS = ("measure", "direct", "+nginx", "+gateway", "gw/nginx", "gw CPU us", "
 
 
 def render(rows: list[dict], meta: dict, notes: list[str], console) -> None:
-    """Print the one table, then its footnotes."""
+    """Print the one table, then its footnotes (then the --limits table, when it ran)."""
     from rich.table import Table
 
+    rows, limits = _split(rows)
     table = Table(title=f"spotinference bench overhead -- {meta['date']} -- {meta['mode']}")
     for col in COLUMNS:
         table.add_column(col, justify="left" if col in ("measure", "budget") else "right")
@@ -90,11 +93,27 @@ def render(rows: list[dict], meta: dict, notes: list[str], console) -> None:
         console.print(f"- {row['label']}: {row['note']}")
     for note in notes:
         console.print(f"- {note}")
+    if limits:
+        table = Table(title="--limits: a limited key, buckets in the mmap table vs in Redis")
+        for col in ol.COLUMNS:
+            table.add_column(col, justify="left" if col == ol.COLUMNS[0] else "right")
+        for cells in ol.limits_table_rows(limits):
+            table.add_row(*cells)
+        console.print(table)
+        console.print(ol.LEGEND, markup=False)
+        for line in ol.limits_footer(limits):
+            console.print(f"- {line}", markup=False)
+
+
+def _split(rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(the main table's rows, the --limits rows): the limits rows have their own table."""
+    return [r for r in rows if r["kind"] != "limits"], [r for r in rows if r["kind"] == "limits"]
 
 
 def markdown(rows: list[dict], meta: dict, notes: list[str], command: str) -> str:
     """The same table as Markdown, headed by the command, date, machine and versions (for docs)."""
     v, m = meta["versions"], meta["machine"]
+    rows, limits = _split(rows)
     lines = [f"`{command}` -- {meta['date']}, {meta['mode']}", "",
              (f"Machine: {m['cpus']} CPUs ({m['cpu_model']}), Linux {m['kernel']}, load average "
              f"{'/'.join(str(x) for x in m['loadavg_start'])} at start, "
@@ -106,6 +125,13 @@ def markdown(rows: list[dict], meta: dict, notes: list[str], command: str) -> st
     lines.append("")
     lines += [f"- {r['label']}: {r['note']}" for r in rows if r.get("note")]
     lines += [f"- {n}" for n in notes]
+    if limits:
+        info = meta.get("limits") or {}
+        head = f"--limits (redis-server {info.get('redis_version')}, --workers {info.get('workers')}):"
+        lines += ["", head, "", "| " + " | ".join(ol.COLUMNS) + " |", "|" + "---|" * len(ol.COLUMNS)]
+        lines += ["| " + " | ".join(cells) + " |" for cells in ol.limits_table_rows(limits)]
+        lines += ["", ol.LEGEND.replace("\n", " "), ""]
+        lines += [f"- {line}" for line in ol.limits_footer(limits)]
     return "\n".join(lines) + "\n"
 
 
