@@ -19,7 +19,8 @@ from __future__ import annotations
 
 from collections import deque
 
-from proxy.cluster.redis import RedisUnavailable, Script
+from proxy.cluster.link import FAILURES
+from proxy.cluster.redis import Script
 from proxy.observe import logs
 
 LEASE = "spotinference:lease:"
@@ -57,7 +58,7 @@ class RedisTierLink:
         if link.up:
             try:
                 got = await link.client.eval(_HOLD, [self._key], [link.node, int(link.config.lease_s * 1000)])
-            except RedisUnavailable as exc:
+            except FAILURES as exc:
                 link.failed(exc)
             else:
                 held = got == 1
@@ -78,7 +79,7 @@ class RedisTierLink:
             return  # it expires by itself
         try:
             await self.link.client.eval(_RELEASE, [self._key], [self.link.node])
-        except RedisUnavailable as exc:
+        except FAILURES as exc:
             self.link.failed(exc)
         logs.event("wake_lease", tier=self.tier, held=False, node=self.link.node)
 
@@ -95,7 +96,7 @@ class RedisTierLink:
             batch.append(("MGET", *[NOTICE + i for i in instance_ids]))
         try:
             replies = await self.link.client.pipeline(batch)
-        except RedisUnavailable as exc:
+        except FAILURES as exc:
             self.link.failed(exc)
             return {}
         if not instance_ids or not isinstance(replies[-1], list):

@@ -3,7 +3,7 @@
 Strategy: every user of Redis (limits/redis_buckets.py, cluster/lease.py, routing/redis_homes.py) goes
 through one `ClusterLink`, so they agree on one fact -- Redis is up, or it is down -- and a request
 never pays a timeout to learn what the previous one already found out. A call that fails
-(`RedisUnavailable`: refused, reset, past `timeout_s`) marks the link down (`failed`; logged once per
+(`FAILURES`: refused, reset, past `timeout_s`, or an error reply such as OOM) marks the link down (`failed`; logged once per
 outage, counted); while down, callers skip Redis at once and apply `[cluster] on_redis_failure`
 ("local": this host's own state; "closed": refuse what needs Redis). `run`, a service task, PINGs every
 `retry_s` while down and marks the link up again when Redis answers: the switch back is automatic and
@@ -20,8 +20,14 @@ import msgspec
 import trio
 
 from proxy.cluster.redis import RedisClient, RedisUnavailable
+from proxy.cluster.resp import ReplyError
 from proxy.observe import logs
 from proxy.observe.redact import redact_url
+
+# What makes a call "Redis is down" for its caller: no answer (refused, reset, past timeout_s), or an
+# error reply where a script or a write should have run (OOM under maxmemory, READONLY after a
+# failover to a replica). The prober's PING decides when it is back.
+FAILURES = (RedisUnavailable, ReplyError)
 
 
 class ClusterStatistics(msgspec.Struct, frozen=True):

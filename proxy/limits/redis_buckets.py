@@ -29,7 +29,8 @@ from collections import deque
 import trio
 
 from proxy import errors
-from proxy.cluster.redis import RedisUnavailable, Script
+from proxy.cluster.link import FAILURES
+from proxy.cluster.redis import Script
 from proxy.limits.buckets import UNLIMITED, Admission, Bucket, decide
 
 PREFIX = "spotinference:rl:"
@@ -147,7 +148,7 @@ class RedisRateLimiter:
                 reply = await link.client.eval(ADMIT, [PREFIX + key_name],
                                                ["" if rpm is None else repr(float(rpm)),
                                                 "" if tpm is None else repr(float(tpm)), tokens_estimate])
-            except RedisUnavailable as exc:
+            except FAILURES as exc:
                 link.failed(exc)
             else:
                 return admission_of(reply, tokens_estimate)
@@ -186,5 +187,5 @@ class RedisRateLimiter:
                 continue
             try:
                 await self.link.client.pipeline(batch)
-            except RedisUnavailable as exc:
+            except FAILURES as exc:
                 self.link.failed(exc)

@@ -18,7 +18,7 @@ from collections import deque
 
 import trio
 
-from proxy.cluster.redis import RedisUnavailable
+from proxy.cluster.link import FAILURES
 
 PREFIX = "spotinference:resp:"
 
@@ -48,7 +48,7 @@ class RedisHomes:
             return found
         try:
             value = await self.link.client.execute("GET", PREFIX + response_id)
-        except RedisUnavailable as exc:
+        except FAILURES as exc:
             self.link.failed(exc)
             return None
         if not isinstance(value, bytes):
@@ -69,5 +69,5 @@ class RedisHomes:
             if batch and self.link.up:
                 try:
                     await self.link.client.pipeline(batch)
-                except RedisUnavailable as exc:
+                except FAILURES as exc:
                     self.link.failed(exc)
