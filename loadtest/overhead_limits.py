@@ -23,7 +23,6 @@ bounded.
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import shutil
@@ -39,7 +38,7 @@ import trio
 
 from loadtest import procs
 from loadtest.overhead_cells import Interrupted, Plan
-from loadtest.overhead_load import Shape, Stat, Target, added, requests_for, run_slice
+from loadtest.overhead_load import Shape, Stat, Target, added, requests_for, run_cell, run_slice
 from loadtest.overhead_rig import ProcessDied, Rig
 
 KEY_NAME = "bench-limited"
@@ -236,29 +235,22 @@ class RedisCpu:
 
 async def interleaved(targets: list[Target], shape: Shape, requests: dict[str, bytes], rounds: int,
                       slice_s: float, redis_pid: int) -> tuple[dict[str, Stat], RedisCpu]:
-    """run_cell's interleaving (same warm-up, rotation and GC pause, the same run_slice), plus
-    redis-server's CPU read around every slice."""
-    stats = {t.name: Stat() for t in targets}
+    """run_cell's interleaving, with redis-server's CPU read around every slice."""
     redis = RedisCpu()
-    warm = shape.concurrency or int(min(512, shape.rate * 0.05 + 16))
-    for t in targets:
-        for kind in await t.pool.fill(warm):
-            stats[t.name].error(kind)
-    for r in range(rounds):
-        k = r % len(targets)
-        for t in targets[k:] + targets[:k]:
-            gc.collect()
-            gc.disable()
-            cpu0, t0 = procs.cpu_seconds([redis_pid]), trio.current_time()
-            try:
-                await run_slice(t, shape, requests[t.name], stats[t.name], slice_s)
-            finally:
-                gc.enable()
+
+    def around(t: Target):
+        cpu0, t0 = procs.cpu_seconds([redis_pid]), trio.current_time()
+
+        def after() -> None:
             cpu, wall = procs.cpu_seconds([redis_pid]) - cpu0, trio.current_time() - t0
             if t.name == "gateway-redis":
                 redis.busy_s, redis.busy_wall_s = redis.busy_s + cpu, redis.busy_wall_s + wall
             else:
                 redis.idle_s, redis.idle_wall_s = redis.idle_s + cpu, redis.idle_wall_s + wall
+
+        return after
+
+    stats = await run_cell(targets, shape, requests, rounds, slice_s, around)
     return stats, redis
 
 

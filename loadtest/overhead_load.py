@@ -202,8 +202,10 @@ async def _open_loop(nursery: trio.Nursery, target: Target, shape: Shape, reques
 
 
 async def run_cell(targets: list[Target], shape: Shape, requests: dict[str, bytes], rounds: int,
-                   slice_s: float) -> dict[str, Stat]:
-    """Interleave `rounds` slices per target, rotating the order each round."""
+                   slice_s: float, around=None) -> dict[str, Stat]:
+    """Interleave `rounds` slices per target, rotating the order each round. `around(target)`, when
+    given, is called before each slice and returns what to call after it (a per-slice measurement of
+    something else, e.g. a Redis server's CPU)."""
     stats = {t.name: Stat() for t in targets}
     warm = shape.concurrency or int(min(512, shape.rate * 0.05 + 16))
     for t in targets:
@@ -214,10 +216,13 @@ async def run_cell(targets: list[Target], shape: Shape, requests: dict[str, byte
         for t in targets[k:] + targets[:k]:
             gc.collect()
             gc.disable()
+            after = around(t) if around is not None else None
             try:
                 await run_slice(t, shape, requests[t.name], stats[t.name], slice_s)
             finally:
                 gc.enable()
+            if after is not None:
+                after()
     return stats
 
 

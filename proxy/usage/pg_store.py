@@ -27,7 +27,6 @@ name the server by `redact_url` (no password).
 
 from __future__ import annotations
 
-import glob
 import logging
 import os
 from collections.abc import Sequence
@@ -36,7 +35,7 @@ import msgspec
 import psycopg
 
 from proxy.observe.redact import redact_url, scrub
-from proxy.usage.store import COLUMNS, Item, UsageRow, UsageSchemaError, read_spill
+from proxy.usage.store import COLUMNS, Item, UsageRow, UsageSchemaError, read_spill, recover_files
 
 log = logging.getLogger(__name__)
 
@@ -167,14 +166,7 @@ def recover_spills_pg(url: str, pattern: str) -> int:
 
     For the supervisor, before any worker runs (a live worker may still be appending to its file).
     """
-    files = sorted(glob.glob(pattern))
-    if not files:
-        return 0
-    conn = connect(url)
-    try:
-        return sum(import_spill_file(conn, f) for f in files)
-    finally:
-        conn.close()
+    return recover_files(pattern, lambda: connect(url), import_spill_file)
 
 
 class PgStore:

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import msgspec
 
-from proxy.usage.store import COLUMNS, Item, UsageRow, UsageSchemaError, read_spill
+from proxy.usage.store import COLUMNS, Item, UsageRow, UsageSchemaError, read_spill, recover_files
 
 SCHEMA_VERSION = 1
 _MIGRATIONS = {
@@ -138,14 +138,7 @@ def recover_spills(path: str) -> int:
 
     For the supervisor, before any worker runs (a live worker may still be appending to its file).
     """
-    files = sorted(glob.glob(glob.escape(path) + ".spill*.jsonl"))
-    if not files:
-        return 0
-    conn = connect(path)
-    try:
-        return sum(import_spill_file(conn, f) for f in files)
-    finally:
-        conn.close()
+    return recover_files(glob.escape(path) + ".spill*.jsonl", lambda: connect(path), import_spill_file)
 
 
 class SqliteStore:

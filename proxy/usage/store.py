@@ -20,8 +20,9 @@ so the uid travels with the row from the queue to the database or the spill file
 
 from __future__ import annotations
 
+import glob
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import BinaryIO, Protocol
 
 import msgspec
@@ -115,3 +116,16 @@ def _chunks(f: BinaryIO, path: str, chunk: int) -> Iterator[list[Item]]:
             items = []
     if items:
         yield items
+
+
+def recover_files(pattern: str, connect: Callable[[], object], import_one: Callable[[object, str], int]) -> int:
+    """Import every spill file matching the glob `pattern` on one connection from `connect`. Blocking.
+    For the supervisor, before any worker runs (a live worker may still be appending to its file)."""
+    files = sorted(glob.glob(pattern))
+    if not files:
+        return 0
+    conn = connect()
+    try:
+        return sum(import_one(conn, f) for f in files)
+    finally:
+        conn.close()
