@@ -25,6 +25,9 @@ from ops.settings import WakeConfig
 _ORIGIN = re.compile(r"https?://[A-Za-z0-9.\-]+(:[0-9]{1,5})?|https?://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
 
 
+ROUTING_POLICIES = ("prefix", "least_loaded", "round_robin")
+
+
 class ConfigError(ValueError):
     """A configuration file that cannot be used; the message names the field."""
 
@@ -120,6 +123,13 @@ class TierConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     upstream_api_key: str | None = None
     wake: WakeConfig | None = None
     backend: BackendConfig | None = None
+    # How a request picks one of several upstreams (routing/policy.py): "prefix" (where its leading
+    # prompt blocks were last served, under a load bound), "least_loaded", "round_robin". None: "prefix"
+    # for a tier with several upstreams.
+    routing: str | None = None
+    # prefix: the preferred host is given up when its load exceeds the least loaded one's by more than this
+    # (requests in flight, counting vLLM's running + waiting when its /metrics are fresh).
+    load_bound: int = 4
 
 
 class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -237,6 +247,11 @@ def validate(cfg: Config) -> Config:
             parse_upstream(url, f"{where}.upstreams[{j}]")
         if not tier.models:
             raise ConfigError(f"field '{where}.models': a tier needs at least one model")
+        if tier.routing is not None and tier.routing not in ROUTING_POLICIES:
+            raise ConfigError(f"field '{where}.routing': expected one of {', '.join(ROUTING_POLICIES)}, "
+                              f"got {tier.routing!r}")
+        if tier.load_bound < 0:
+            raise ConfigError(f"field '{where}.load_bound': must be >= 0, got {tier.load_bound}")
         for j, model in enumerate(tier.models):
             if model in seen_models:
                 raise ConfigError(
