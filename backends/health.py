@@ -49,17 +49,20 @@ class Verdict(enum.Enum):
 
 
 class Progress(NamedTuple):
-    """vLLM's progress as /metrics shows it: requests running, generation tokens so far."""
+    """vLLM's progress as /metrics shows it: requests running, generation tokens so far; and its load
+    (requests waiting, the KV cache's fill) for the routing policies (proxy/routing/policy.py)."""
 
     running: float
     tokens: float
+    waiting: float = 0.0
+    kv_usage: float | None = None
 
 
 def progress_of(activity: probe.Activity | None) -> Progress | None:
     """The progress sample in a /metrics reading; None when unreadable or without the token counter."""
     if activity is None or activity.generation_tokens is None:
         return None
-    return Progress(activity.running, activity.generation_tokens)
+    return Progress(activity.running, activity.generation_tokens, activity.waiting, activity.kv_usage)
 
 
 class Watch(Protocol):
@@ -78,7 +81,7 @@ class HealthStatistics(msgspec.Struct, frozen=True):
 class UpstreamHealth:
     """The verdict on one upstream, from the probes fed to it (see the module comment)."""
 
-    __slots__ = ("_book", "changed_at", "down_total", "failures", "frozen_since", "inflight", "reason",
+    __slots__ = ("_book", "changed_at", "down_total", "failures", "frozen_since", "inflight", "load", "reason",
                  "silent", "stall_s", "stalled_total", "tokens", "unhealthy_after", "up", "url", "verdict")
 
     def __init__(self, url: str, *, unhealthy_after: int = 3, stall_s: float = 30.0,
@@ -96,6 +99,8 @@ class UpstreamHealth:
         self.tokens: float | None = None  # generation tokens at the last sample that ran something
         self.frozen_since: float | None = None  # since when `tokens` has not moved with requests running
         self.inflight: set[Watch] = set()
+        # vLLM's own load at the last /metrics reading: (running + waiting, KV usage or None, when read)
+        self.load: tuple[float, float | None, float] | None = None
         self.down_total = 0
         self.stalled_total = 0
 
@@ -125,6 +130,8 @@ class UpstreamHealth:
             self.tokens = self.frozen_since = None  # back from an outage: the stall clock starts afresh
         self.failures = 0
         self.silent = False
+        if progress is not None:
+            self.load = (progress.running + progress.waiting, progress.kv_usage, now)
         stalled = False
         if progress is None or progress.running <= 0:
             self.tokens = None if progress is None else progress.tokens

@@ -46,6 +46,8 @@ RUNNING = "vllm:num_requests_running"
 WAITING = "vllm:num_requests_waiting"
 SUCCESS = "vllm:request_success_total"
 GENERATION = "vllm:generation_tokens_total"
+KV_USAGE = "vllm:kv_cache_usage_perc"  # 0..1 (vLLM v1; older releases: vllm:gpu_cache_usage_perc)
+KV_USAGE_OLD = "vllm:gpu_cache_usage_perc"
 USER_AGENT = "spotinference-probe"
 
 
@@ -72,6 +74,7 @@ class Activity:
     waiting: float = 0.0
     success_total: float = 0.0
     generation_tokens: float | None = None  # None: the counter is not exposed
+    kv_usage: float | None = None  # the KV cache's fill, 0..1 (the largest over label sets); None: absent
 
     @property
     def in_flight(self) -> float:
@@ -107,9 +110,10 @@ def parse_models(body: bytes) -> tuple[str, ...]:
 
 
 def parse_activity(text: str) -> Activity:
-    """Sum vLLM's running/waiting gauges and success counter over all label sets (Prometheus text 0.0.4)."""
-    sums = {RUNNING: 0.0, WAITING: 0.0, SUCCESS: 0.0, GENERATION: 0.0}
-    seen_generation = False
+    """Sum vLLM's running/waiting gauges and success counter over all label sets (Prometheus text 0.0.4);
+    the KV cache's usage is the largest over them."""
+    sums = {RUNNING: 0.0, WAITING: 0.0, SUCCESS: 0.0, GENERATION: 0.0, KV_USAGE: 0.0, KV_USAGE_OLD: 0.0}
+    seen_generation = seen_kv = False
     for line in text.splitlines():
         if not line or line[0] == "#":
             continue
@@ -126,13 +130,19 @@ def parse_activity(text: str) -> Activity:
         if not fields:
             continue
         try:
-            sums[name] += float(fields[0])
+            value = float(fields[0])
         except ValueError:
             continue
+        if name in (KV_USAGE, KV_USAGE_OLD):
+            seen_kv = True
+            sums[name] = max(sums[name], value)
+            continue
+        sums[name] += value
         if name == GENERATION:
             seen_generation = True
     return Activity(running=sums[RUNNING], waiting=sums[WAITING], success_total=sums[SUCCESS],
-                    generation_tokens=sums[GENERATION] if seen_generation else None)
+                    generation_tokens=sums[GENERATION] if seen_generation else None,
+                    kv_usage=max(sums[KV_USAGE], sums[KV_USAGE_OLD]) if seen_kv else None)
 
 
 async def probe_ready(client: httpx.AsyncClient, upstream: str, models: list[str] | tuple[str, ...],

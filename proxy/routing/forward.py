@@ -10,6 +10,7 @@ an early SSE head is out -- an in-band error event. Only a vanished client's can
 The loop waits on the requested tier's waker; a fallback tier it hands over that has no waker is
 tried once, its refusal answered as an error (nothing to wait for). One `Watch` (upstream/open.py) follows the
 exchange from the upstream's head to the end of the relay, so a health verdict can end it.
+The request's prompt blocks (routing/prefix.py) are hashed once, here, for a prefix-routed tier.
 A `Pin` (a stored Responses API response's home, routing/homes.py) narrows the upstreams tried to one;
 a Responses API answer's id is remembered with the upstream that made it once the relay ends.
 """
@@ -23,6 +24,7 @@ from proxy.accept.downstream import ClientGone, Downstream
 from proxy.exchange import Exchange
 from proxy.relay.inband import end_stream_with_error
 from proxy.relay.response import relay_response
+from proxy.routing.prefix import prefix_blocks
 from proxy.routing.wake_wait import cap_left_s, wait_for_tier, wake_header
 from proxy.upstream.open import Pin, Watch, open_upstream
 
@@ -35,6 +37,7 @@ async def forward_to_tier(gw, ds: Downstream, ex: Exchange, tier, request, body:
     home = tier
     waker = home.waker
     watch = Watch()  # registered with the chosen upstream's health record until the relay ends
+    blocks = () if pin is not None and pin.strict else prefix_blocks(body) if tier.prefix_routed else ()
     try:
         while True:
             tier = home
@@ -42,7 +45,7 @@ async def forward_to_tier(gw, ds: Downstream, ex: Exchange, tier, request, body:
                 # The tier to use: this one once ready, or the fallback tier its waker engaged.
                 tier = await wait_for_tier(gw, ds, ex, home, stream=ex.stream, extra_headers=extra_headers)
             try:
-                conn, response = await open_upstream(gw, ex, tier, request, body, watch, pin)
+                conn, response = await open_upstream(gw, ex, tier, request, body, watch, pin, blocks)
                 break
             except errors.ApiError as err:
                 # Every upstream refused (each was reported to the waker as it failed): the tier went

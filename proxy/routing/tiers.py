@@ -2,9 +2,12 @@
 
 Strategy: the router is built once per (re)load from the config and its maps are not changed
 afterwards (a reload builds a new one); the hot path does one dict lookup per request. What does
-change under a tier: its round-robin position, and the waker attached once at start (or carried over
-by a reload). A tier rotates its upstream list per request (round robin),
-so a down host is skipped by the caller's retry loop rather than by bookkeeping here. When a tier
+change under a tier: its routing memory (policy.py's `RouteState`: rotation, prefix homes), and the
+waker attached once at start (or carried over by a reload). `candidates(blocks)` gives the routable
+upstreams in the order the tier's policy chooses ("prefix" by default for several upstreams:
+routing/policy.py), with each one's load from its health record (this gateway's requests in flight
+there, vLLM's own running + waiting when fresh), so a refused host is skipped by the caller's retry
+loop to the next choice rather than by bookkeeping here. When a tier
 has a waker (ops.waker), the waker is the authority on which upstreams are routable and whether the
 tier is ready; the router only holds it.
 Active health (backends/health.py): the gateway's prober attaches its `HealthBook` to every tier of
@@ -20,7 +23,10 @@ from __future__ import annotations
 import functools
 from typing import TYPE_CHECKING
 
+import trio
+
 from proxy.config import Config, TierConfig, parse_upstream
+from proxy.routing.policy import Load, RouteState, choose
 
 if TYPE_CHECKING:
     from backends.health import HealthBook, UpstreamHealth
@@ -33,8 +39,8 @@ def _address(url: str) -> tuple[str, int]:
 
 
 class Tier:
-    __slots__ = ("_records", "_rr", "_up", "_version", "auth_header", "config", "health", "models", "name",
-                 "pairs", "urls", "waker")
+    __slots__ = ("_records", "_up", "_version", "auth_header", "config", "health", "models", "name",
+                 "pairs", "route", "urls", "waker")
 
     def __init__(self, config: TierConfig) -> None:
         self.config = config
@@ -51,7 +57,13 @@ class Tier:
         self._records: list[UpstreamHealth] = []
         self._up = self.pairs  # the pairs whose record is up, as of book version `_version`
         self._version = -1
-        self._rr = 0
+        policy = config.routing or ("prefix" if len(self.urls) > 1 else "round_robin")
+        self.route = RouteState(policy, load_bound=config.load_bound)
+
+    @property
+    def prefix_routed(self) -> bool:
+        """Whether requests should bring their prompt blocks (routing/prefix.py) to `candidates`."""
+        return self.route.policy == "prefix"
 
     def attach_health(self, book: HealthBook) -> None:
         """Route by `book`'s verdicts from now on (idempotent)."""
@@ -65,8 +77,8 @@ class Tier:
         book = self.health
         return None if book is None else book.get(url)
 
-    def candidates(self) -> list[tuple[str, tuple[str, int]]]:
-        """(url, address) of the upstreams to try for one request, rotated for round robin."""
+    def candidates(self, blocks: tuple[int, ...] = ()) -> list[tuple[str, tuple[str, int]]]:
+        """(url, address) of the upstreams to try for one request, in the policy's order."""
         if self.waker is not None:
             pairs = [(u, _address(u)) for u in self.waker.upstreams()]
         else:
@@ -75,11 +87,33 @@ class Tier:
                 self._version = book.version
                 self._up = [p for p, rec in zip(self.pairs, self._records, strict=True) if rec.up]
             pairs = self._up
-        n = len(pairs)
-        if n <= 1:
+        if len(pairs) <= 1:
             return pairs
-        self._rr = i = (self._rr + 1) % n
-        return pairs[i:] + pairs[:i]
+        route = self.route
+        urls = [u for u, _ in pairs]
+        if route.policy == "round_robin":
+            order = choose(route, urls, [], (), 0.0)
+        else:
+            order = choose(route, urls, self._loads(urls), blocks, trio.current_time())
+        return [pairs[i] for i in order]
+
+    def _loads(self, urls: list[str]) -> list[Load]:
+        book = self.health
+        out = []
+        for url in urls:
+            rec = None if book is None else book.get(url)
+            if rec is None:
+                out.append(Load(0))
+            elif rec.load is None:
+                out.append(Load(len(rec.inflight)))
+            else:
+                out.append(Load(len(rec.inflight), *rec.load))
+        return out
+
+    def served(self, blocks: tuple[int, ...], url: str) -> None:
+        """The request with `blocks` was taken by `url` (a retry past the first choice): its new home."""
+        if blocks and self.route.policy == "prefix":
+            self.route.remember(blocks, url)
 
 
 class Router:

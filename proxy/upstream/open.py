@@ -16,6 +16,9 @@ caller that passes its own `watch` keeps it registered past the head, for the re
 A `Pin` names the one upstream ("host:port") that holds a stored response: strict (a retrieve or
 cancel), only it is tried and its absence from the routable list is 404; soft (a continuation), it
 is tried first when routable, then the rest as usual. The method is the client's (GET for a retrieve).
+The order of the candidates is the tier's routing policy's (routing/policy.py), given the request's
+prompt `blocks` (routing/prefix.py, computed by the caller); a retry that lands past the first choice
+makes that host the blocks' home.
 """
 
 from __future__ import annotations
@@ -97,7 +100,7 @@ def report_unreachable(tier, url: str) -> None:
 
 
 async def open_upstream(gw, ex: Exchange, tier, request, body: bytes, watch: Watch | None = None,
-                        pin: Pin | None = None):
+                        pin: Pin | None = None, blocks: tuple[int, ...] = ()):
     """Send the request to an upstream of `tier`; return (connection, response head). With `watch`,
     it stays registered with the chosen upstream's health record after the head (the caller disarms)."""
     cfg = gw.runtime.config.upstream
@@ -106,10 +109,10 @@ async def open_upstream(gw, ex: Exchange, tier, request, body: bytes, watch: Wat
     target = request.target
     saw_connect_error = saw_reset = False
     keep = watch is not None
-    candidates = tier.candidates()
+    candidates = tier.candidates(blocks)
     if pin is not None:
         candidates = pin.apply(candidates)
-    for url, address in candidates:
+    for n, (url, address) in enumerate(candidates):
         head = encode_request(request.method, target, upstream_headers(request.headers, tier, address, ex.request_id,
                                                                  len(body), ex.client, trusted))
         record = tier.health_record(url)
@@ -157,6 +160,8 @@ async def open_upstream(gw, ex: Exchange, tier, request, body: bytes, watch: Wat
             if record is not None and not keep:
                 watch.disarm()
             ex.upstream = f"{address[0]}:{address[1]}"
+            if n:
+                tier.served(blocks, url)  # a retry landed past the policy's first choice: the new home
             return conn, event
     if saw_reset and not saw_connect_error:
         raise errors.bad_gateway(tier.name, "connection reset before the response")

@@ -35,6 +35,10 @@ async def start_sim(nursery: trio.Nursery, **options) -> tuple[SimServer, str]:
 def make_config(upstreams: list[str], *, models=("sim-chat", "sim-embed"), keys_file: str | None = None,
                 server: dict | None = None, upstream: dict | None = None, tiers: list[TierConfig] | None = None,
                 **tier_kw) -> Config:
+    # The rotation, unless a test asks for a policy: the failover tests name the order they expect.
+    # The product's default ("prefix" for several upstreams) has its own tests (routing/test_policy.py,
+    # e2e/test_routing.py) and is what the production tests' `spotinference serve` runs.
+    tier_kw.setdefault("routing", "round_robin")
     tier_list = tiers if tiers is not None else [
         TierConfig(name="local", upstreams=list(upstreams), models=list(models), **tier_kw)
     ]

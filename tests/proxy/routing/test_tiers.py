@@ -6,6 +6,8 @@ holding the routable list the test sets (Reporter, from tests/support/upstream_k
 
 from __future__ import annotations
 
+import trio
+
 from proxy.config import TierConfig
 from proxy.routing.tiers import Router
 from tests.support.gateway import make_config
@@ -20,6 +22,7 @@ def router(*tiers: TierConfig, created: int = 1718000000) -> Router:
 
 
 def one_tier(upstreams, **kw):
+    kw.setdefault("routing", "round_robin")  # the rotation is what these tests are about (policies: test_policy.py)
     return router(TierConfig(name="t", upstreams=list(upstreams), models=["m"], **kw)).tiers["t"]
 
 
@@ -45,7 +48,7 @@ def test_candidates_rotate_one_step_per_request():
 def test_a_single_upstream_is_always_the_candidate():
     tier = one_tier([A])
     assert [tier.candidates() for _ in range(3)] == [[PA]] * 3
-    assert tier._rr == 0
+    assert tier.route.rr == 0
 
 
 def test_a_waker_decides_which_upstreams_are_routable():
@@ -62,6 +65,26 @@ def test_a_waker_decides_which_upstreams_are_routable():
     assert tier.candidates() == [(A, ("10.0.0.1", 8000)), ("http://10.9.9.9:9000", ("10.9.9.9", 9000))]
 
 
+def test_the_default_policy_is_prefix_for_several_upstreams_and_rotation_for_one():
+    many = router(TierConfig(name="t", upstreams=[A, B], models=["m"])).tiers["t"]
+    single = router(TierConfig(name="t", upstreams=[A], models=["m"])).tiers["t"]
+    assert (many.route.policy, many.prefix_routed) == ("prefix", True)
+    assert (single.route.policy, single.prefix_routed) == ("round_robin", False)
+    assert one_tier([A, B], routing="least_loaded", load_bound=2).route.load_bound == 2
+
+
+async def test_least_loaded_goes_by_the_health_records_in_flight_and_vllms_counts():
+    from backends.health import HealthBook, Progress
+
+    tier = one_tier([A, B, C], routing="least_loaded")
+    book = HealthBook()
+    tier.attach_health(book)
+    book.record(A).inflight.update({object(), object()})  # two of ours on A
+    book.record(B).succeeded(trio.current_time(), Progress(running=5, tokens=10.0, waiting=2))  # vLLM: 7
+    order = tier.candidates()
+    assert order == [PC, PA, PB]  # C idle, A has 2, B has 7 by its own count
+
+
 def test_auth_header_comes_from_upstream_api_key():
     assert one_tier([A], upstream_api_key="vllm-secret").auth_header == (b"authorization", b"Bearer vllm-secret")
     assert one_tier([A]).auth_header is None
@@ -69,7 +92,7 @@ def test_auth_header_comes_from_upstream_api_key():
 
 
 def test_a_new_router_starts_its_own_rotation():
-    cfg = make_config([A, B])
+    cfg = make_config([], tiers=[TierConfig(name="local", upstreams=[A, B], models=["m"], routing="round_robin")])
     first, second = Router(cfg, 0).tiers["local"], Router(cfg, 0).tiers["local"]
     first.candidates()
     assert second.candidates() == [PB, PA] and first.candidates() == [PA, PB]
