@@ -25,6 +25,7 @@ from proxy.limits.charge import settle
 from proxy.limits.shared_table import open_limiter
 from proxy.observe import logs
 from proxy.observe.access import access_fields
+from proxy.observe.recent import RecentTraffic
 from proxy.routing.shared_homes import open_homes
 from proxy.routing.tiers import Router
 from proxy.upstream.headers import trusted_networks
@@ -67,9 +68,11 @@ class Gateway:
         # Under the supervisor: one shared bucket table, exact limits (divisor 1); see limits/shared_table.
         self.limiter, self.limit_divisor = open_limiter(self.workers, time.monotonic)
         self.cluster = None  # cluster/link.ClusterLink with [cluster] redis_url: limits, leases, homes shared
+        self.prefixes = None  # routing/redis_prefixes.SharedPrefixes with [cluster]: prefix homes shared
         if runtime.config.cluster.redis_url:
             self._join_cluster(runtime.config.cluster)
         self.usage = None  # UsageLog, started by run_gateway when [usage] path or database_url is set
+        self.recent = RecentTraffic()  # this process's recent traffic, for the status page (admit/status.py)
         self.open_connections = 0
         self.connections: set = set()  # open Downstream objects (a drain closes the idle ones)
         self.server = None  # proxy.accept.listener.Server, set when serving
@@ -88,11 +91,13 @@ class Gateway:
         from proxy.cluster.link import ClusterLink
         from proxy.limits.redis_buckets import RedisRateLimiter
         from proxy.routing.redis_homes import RedisHomes
+        from proxy.routing.redis_prefixes import SharedPrefixes
 
         self.cluster = ClusterLink(config)
         self.limiter = RedisRateLimiter(self.cluster, self.limiter)  # this host's limiter: the fallback
         self.limit_divisor = 1
         self.homes = RedisHomes(self.cluster, self.homes, ttl_s=config.homes_ttl_s)
+        self.prefixes = SharedPrefixes(self.cluster)
 
     async def run_cluster(self, services: trio.Nursery) -> None:
         """Start the cluster's service tasks (the Redis link's prober, settles, homes) in `services`."""
@@ -101,6 +106,7 @@ class Gateway:
         await services.start(self.cluster.run)
         services.start_soon(self.limiter.run)
         services.start_soon(self.homes.run)
+        services.start_soon(self.prefixes.run)
         self.metrics.register_stats_source("cluster", self.cluster.statistics)
 
     @property
@@ -161,7 +167,8 @@ class Gateway:
         await dispatch(self, ds, request)
 
     def request_finished(self, ex) -> None:
-        """The record of a finished request: limits settled, metrics, usage row, access line."""
+        """The record of a finished request: limits settled, metrics, recent traffic, usage row,
+        access line."""
         settle(self, ex)
         ttfb_ms = ex.ttfb_ms()
         tier = ex.tier or "-"
@@ -169,6 +176,7 @@ class Gateway:
         self.metrics.request_done(ex.status, model, tier, ex.endpoint, ex.gateway_ms() / 1000.0,
                                   None if ttfb_ms is None else ttfb_ms / 1000.0, ex.prompt_tokens,
                                   ex.completion_tokens)
+        self.recent.record(ex)
         if self.usage is not None:
             row = usage_row(ex)
             if row is not None:

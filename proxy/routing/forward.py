@@ -38,6 +38,9 @@ async def forward_to_tier(gw, ds: Downstream, ex: Exchange, tier, request, body:
     waker = home.waker
     watch = Watch()  # registered with the chosen upstream's health record until the relay ends
     blocks = () if pin is not None and pin.strict else prefix_blocks(body) if tier.prefix_routed else ()
+    if blocks and gw.prefixes is not None:  # [cluster]: what the other gateway hosts know of these blocks
+        gw.prefixes.watch(tier)
+        await gw.prefixes.fill(tier, blocks)
     try:
         while True:
             tier = home

@@ -57,7 +57,7 @@ def load_of(load: Load, now: float) -> float:
 class RouteState:
     """A tier's routing memory: the policy, the rotation, the prefix homes, the randomness."""
 
-    __slots__ = ("homes", "load_bound", "max_blocks", "policy", "rng", "rr")
+    __slots__ = ("homes", "load_bound", "max_blocks", "moved", "policy", "rng", "rr")
 
     def __init__(self, policy: str, *, load_bound: int = 4, max_blocks: int = MAX_BLOCKS,
                  rng: random.Random | None = None) -> None:
@@ -65,8 +65,20 @@ class RouteState:
         self.load_bound = load_bound
         self.max_blocks = max_blocks
         self.homes: OrderedDict[int, str] = OrderedDict()
+        # Blocks whose home is new or changed since the last `drain_moved` (None: nobody drains them --
+        # a single gateway; redis_prefixes.py shares them with the other hosts of a cluster).
+        self.moved: dict[int, str] | None = None
         self.rr = 0
         self.rng = rng or random.Random()
+
+    def learn(self, found: dict[int, str]) -> None:
+        """Homes another gateway host recorded (redis_prefixes.py), for blocks this one does not know."""
+        homes = self.homes
+        for h, url in found.items():
+            if h not in homes:
+                homes[h] = url
+        while len(homes) > self.max_blocks:
+            homes.popitem(last=False)
 
     def home_of(self, blocks, urls) -> tuple[int, int] | None:
         """(index in `urls` of the host of the deepest block found there, that block's depth), or None."""
@@ -83,7 +95,10 @@ class RouteState:
     def remember(self, blocks, url: str) -> None:
         """Every block of a request now lives on `url`."""
         homes = self.homes
+        moved = self.moved
         for h in blocks:
+            if moved is not None and homes.get(h) != url:
+                moved[h] = url
             homes[h] = url
             homes.move_to_end(h)
         while len(homes) > self.max_blocks:

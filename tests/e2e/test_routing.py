@@ -20,8 +20,8 @@ TOOLS = [{"type": "function", "function": {"name": "read_file", "description": "
 TOOLING = {"enable_auto_tool_choice": True, "tool_call_parser": "hermes"}  # vLLM refuses tools without them
 
 
-def turn_body(conv: int, turn: int, max_tokens: int = 8) -> bytes:
-    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": f"conversation {conv}: start"}]
+def turn_body(conv: int, turn: int, max_tokens: int = 8, system: str = SYSTEM) -> bytes:
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": f"conversation {conv}: start"}]
     for t in range(turn):
         messages += [{"role": "assistant", "content": f"step {t} done"}, {"role": "user", "content": f"next {t}"}]
     return json.dumps({"model": "sim-chat", "messages": messages, "tools": TOOLS, "max_tokens": max_tokens}).encode()
