@@ -52,8 +52,10 @@ from loadtest.overhead_cells import (
     idle_connections,
     latency_row,
     measure,
+    steps,
     throughput_row,
 )
+from loadtest.overhead_limits import CELLS as LIMITS_CELLS
 from loadtest.overhead_limits import run_limits
 from loadtest.overhead_load import (
     CONN_ERROR_BACKOFF_S,
@@ -72,6 +74,7 @@ from loadtest.overhead_load import (
 )
 from loadtest.overhead_report import COLUMNS, markdown, render, run_meta, table_rows
 from loadtest.overhead_rig import GATEWAYS, PROFILES, ProcessDied, Rig, start_rig
+from loadtest.progress import progress
 from loadtest.rawhttp import (
     CONNECT_TIMEOUT_S,
     MAX_IDLE_S,
@@ -139,11 +142,13 @@ def main(argv: list[str] | None = None) -> int:
         for note in rig.notes:
             err.print(note)
         try:
-            rows = trio.run(measure, rig, plan, None, lambda msg: err.print(msg))
-            rig.check_alive()
-            if args.limits:
-                limit_rows, meta["limits"] = run_limits(rig, plan, workdir, stack, lambda msg: err.print(msg))
-                rows += limit_rows
+            total = steps(plan) + (1 + len(LIMITS_CELLS) if args.limits else 0)
+            with progress("overhead", total, console=err) as bar:  # one line per step unless a terminal
+                rows = trio.run(measure, rig, plan, None, bar.step)
+                rig.check_alive()
+                if args.limits:
+                    limit_rows, meta["limits"] = run_limits(rig, plan, workdir, stack, bar.step)
+                    rows += limit_rows
         except ProcessDied as exc:
             err.print(f"[red]aborted:[/red] {exc}")
             return 2

@@ -145,6 +145,14 @@ async def measure(rig: Rig, plan: Plan, key: str | None, log) -> list[dict]:
     return rows
 
 
+def steps(plan: Plan) -> int:
+    """How many `log` lines `measure` sends for `plan` (section headers and cells): the progress total.
+    Keep in step with `_measure`; a mismatch only shows as a bar that ends early or grows."""
+    other_apis = 2 * len(plan.sse_streams[1:2] or plan.sse_streams[:1])
+    cells = len(plan.concurrency) + len(plan.rates) + 1 + len(plan.rates) + len(plan.sse_streams) + other_apis
+    return 7 + cells  # 7 headers: chat, TTFB, SSE gaps, other APIs, saturation, and the two scale checks
+
+
 async def _measure(rig: Rig, plan: Plan, key: str | None, log) -> list[dict]:
     rows: list[dict] = []
 

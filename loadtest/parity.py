@@ -30,11 +30,11 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from loadtest import golden_io, parity_report
 from loadtest.golden_io import GoldenCase, GoldenError, ToolCall
+from loadtest.progress import progress
 
 # Request fields the SDK takes as keyword arguments; any other golden param goes in extra_body.
 _SDK_PARAMS = frozenset({
@@ -284,18 +284,15 @@ def _run_all(cases: list[GoldenCase], eps: tuple[Endpoint, Endpoint], runs: int,
     jobs = [(ep, case, run, stream) for run in range(runs) for case in cases
             for stream in (False, True) for ep in eps]
     results: list[dict[str, Any]] = []
-    columns = (TextColumn("parity"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[errs]} errors"),
-               TimeRemainingColumn())
-    with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as progress, \
+    with progress("parity", len(jobs), console=err) as bar, \
             concurrent.futures.ThreadPoolExecutor(max_workers=concurrency) as pool:
-        task = progress.add_task("run", total=len(jobs), errs=0)
         futures = [pool.submit(run_attempt, *job) for job in jobs]
         errors = 0
         for fut in concurrent.futures.as_completed(futures):
             rec = fut.result()
             errors += rec["error"] is not None
             results.append(rec)
-            progress.update(task, advance=1, errs=errors)
+            bar.advance(status=f"{errors} errors")
     order = {(c.id): i for i, c in enumerate(cases)}
     results.sort(key=lambda r: (order[r["case"]], r["run"], r["stream"], r["side"]))
     return results

@@ -34,10 +34,10 @@ from typing import Any
 import httpx
 import trio
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from loadtest.parity_report import percentile
+from loadtest.progress import progress
 
 PROMPTS = (
     "Write a short poem about the sea.",
@@ -288,14 +288,21 @@ def main(argv: list[str] | None = None) -> int:
     cfg = BenchConfig(url=base_url(args.url), model=args.model, concurrency=args.concurrency,
                       requests=args.requests, max_tokens=args.max_tokens, warmup=args.warmup, api_key=key,
                       timeout_s=args.timeout_s, ignore_eos=not args.no_ignore_eos)
-    columns = (TextColumn("throughput"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as progress:
-        task = progress.add_task("run", total=cfg.requests)
-        try:
-            streams = trio.run(run_bench, cfg, lambda s: progress.advance(task))
-        except WarmupFailed as exc:
-            err.print(f"[bold red]throughput:[/] {exc}")
-            return 2
+    failed = 0
+
+    def done(s: Stream) -> None:
+        nonlocal failed
+        failed += s.error is not None
+        bar.advance(status=f"{failed} errors")
+
+    try:
+        with progress("throughput", cfg.requests, console=err) as bar:
+            if cfg.warmup:
+                bar.advance(0, status="warmup")  # the live line only: a cold tier may take minutes to wake
+            streams = trio.run(run_bench, cfg, done)
+    except WarmupFailed as exc:
+        err.print(f"[bold red]throughput:[/] {exc}")
+        return 2
     fig = summarize(cfg, streams)
     Console(highlight=False).print(table(fig))
     for msg, n in fig["error_counts"].items():
