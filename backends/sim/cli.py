@@ -58,6 +58,15 @@ def _parser() -> argparse.ArgumentParser:
                    help="reasoning parser name (accepted; no reasoning is simulated)")
     p.add_argument("--disable-responses-store", action="store_true",
                    help="run as vLLM without VLLM_ENABLE_RESPONSES_API_STORE: store is ignored")
+    p.add_argument("--prefill-tokens-per-s", type=float, default=d.prefill_tokens_per_s, metavar="F",
+                   help="prefill rate of the engine (uncached prompt tokens/s, prefills one after another); "
+                        "0 = prefill takes no time")
+    p.add_argument("--kv-cache-tokens", type=int, default=d.kv_cache_tokens, metavar="N",
+                   help="prefix-cache capacity in tokens (LRU of prompt blocks); 0 = no prefix-cache model")
+    p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, metavar="N",
+                   help="generations running at once, the others wait in FIFO order; 0 = unlimited")
+    p.add_argument("--block-tokens", type=int, default=d.block_tokens, metavar="N",
+                   help=f"tokens per prefix-cache block (vLLM's --block-size; default {d.block_tokens})")
     p.add_argument("--log-level", default="WARNING", help="logging level on stderr")
     return p
 
@@ -73,7 +82,25 @@ def options_from(args: argparse.Namespace) -> SimOptions:
         api_key=args.api_key, reply=args.reply, break_tool_json=args.break_tool_json,
         embedding_dim=args.embedding_dim, enable_auto_tool_choice=args.enable_auto_tool_choice,
         tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser,
-        enable_responses_store=not args.disable_responses_store)
+        enable_responses_store=not args.disable_responses_store,
+        prefill_tokens_per_s=args.prefill_tokens_per_s, kv_cache_tokens=args.kv_cache_tokens,
+        max_num_seqs=args.max_num_seqs, block_tokens=args.block_tokens)
+
+
+def _invalid(args: argparse.Namespace) -> str | None:
+    """What is wrong with the numeric flags, or None."""
+    for name, value in (("--tokens-per-s", args.tokens_per_s), ("--ttft-ms", args.ttft_ms),
+                        ("--latency-ms", args.latency_ms),
+                        ("--prefill-tokens-per-s", args.prefill_tokens_per_s),
+                        ("--kv-cache-tokens", args.kv_cache_tokens), ("--max-num-seqs", args.max_num_seqs)):
+        if not value >= 0:  # NaN too
+            return f"{name} must be >= 0"
+    if args.block_tokens < 1:
+        return "--block-tokens must be >= 1"
+    if 0 < args.kv_cache_tokens < args.block_tokens:
+        return (f"--kv-cache-tokens must be 0 (off) or at least --block-tokens ({args.block_tokens}): "
+                f"{args.kv_cache_tokens} tokens hold no block")
+    return None
 
 
 async def _run(server: SimServer, host: str, port: int) -> None:
@@ -94,11 +121,10 @@ def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for name, value in (("--tokens-per-s", args.tokens_per_s), ("--ttft-ms", args.ttft_ms),
-                        ("--latency-ms", args.latency_ms)):
-        if value < 0:
-            sys.stderr.write(f"spotinference sim: {name} must be >= 0\n")
-            return 2
+    problem = _invalid(args)
+    if problem is not None:
+        sys.stderr.write(f"spotinference sim: {problem}\n")
+        return 2
     if args.enable_auto_tool_choice and not args.tool_call_parser:  # vLLM's validate_parsed_serve_args
         sys.stderr.write("spotinference sim: Error: --enable-auto-tool-choice requires --tool-call-parser\n")
         return 2

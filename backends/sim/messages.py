@@ -34,6 +34,7 @@ from typing import Any
 import msgspec
 
 from backends.sim.planning import Planner
+from backends.sim.prompt_tokens import Segment
 from backends.sim.responses import Plan, SimError, invalid_body
 
 _enc = msgspec.json.Encoder()
@@ -228,6 +229,9 @@ class MessagesPlan:
     @property
     def finish(self) -> str:
         return self.inner.finish
+
+    def prompt_sequences(self) -> list[list[Segment]]:
+        return self.inner.prompt_sequences()
 
     def streamed_tokens(self, events: int) -> int:
         if not self.stream or events <= 0:

@@ -31,6 +31,7 @@ Not simulated: logprobs (always null), echo, stop strings, beam search, reasonin
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -39,6 +40,7 @@ from typing import Any
 
 import msgspec
 
+from backends.sim import prompt_tokens
 from backends.sim.responses import (
     Choice,
     Plan,
@@ -223,7 +225,8 @@ class Planner:
         for m in req.messages:
             if not isinstance(m.get("role"), str):
                 raise invalid_body("Field required", ("body", "messages", "role"), "missing")
-        prompt = chat_prompt_tokens(req.messages, len(_raw_dec.decode(body)["tools"]) if req.tools else 0)
+        tools_json = bytes(_raw_dec.decode(body)["tools"]) if req.tools else b""
+        prompt = chat_prompt_tokens(req.messages, len(tools_json))
         field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         limit = self._limit(prompt, req.max_completion_tokens or req.max_tokens, field)
         n = self._n(req.n)
@@ -231,6 +234,7 @@ class Planner:
                     stream=bool(req.stream), include_usage=bool(req.stream_options and req.stream_options.include_usage),
                     continuous=bool(req.stream_options and req.stream_options.continuous_usage_stats))
         plan.return_token_ids, plan.prompt_logprobs = prompt_options(body)
+        plan.material = functools.partial(prompt_tokens.chat, req.messages, tools_json)
         tool: _Tool | None = None
         if choice != "none" and req.tools:
             if isinstance(choice, _NamedChoice):
@@ -272,6 +276,7 @@ class Planner:
                     include_usage=bool(req.stream_options and req.stream_options.include_usage),
                     continuous=bool(req.stream_options and req.stream_options.continuous_usage_stats))
         plan.return_token_ids, plan.prompt_logprobs = prompt_options(body)
+        plan.material = functools.partial(prompt_tokens.completion, req.prompt)
         structured = _structured(req.response_format)
         for p, (seed_text, tokens) in enumerate(prompts):
             for j in range(n):

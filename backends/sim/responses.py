@@ -32,10 +32,12 @@ import math
 import random
 import struct
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
 import msgspec
+
+from backends.sim.prompt_tokens import Segment
 
 VLLM_VERSION = "0.17.0"  # the vLLM release whose wire shapes this simulator copies
 
@@ -74,6 +76,20 @@ class SimOptions(msgspec.Struct, frozen=True, kw_only=True):
     # VLLM_ENABLE_RESPONSES_API_STORE=1: on here, since routing retrievals to the creating host is what
     # the simulator must let a gateway prove; off -> `store` is silently ignored, as vLLM's default.
     enable_responses_store: bool = True
+    # The prefix-cache and scheduler model (`scheduler`, `prefix_cache`), off by default (0 = today's timing):
+    # TTFT = wait for a slot + ttft_ms + uncached prompt tokens / prefill_tokens_per_s (prefills one after
+    # another); kv_cache_tokens > 0 caches prompt blocks of block_tokens (LRU); max_num_seqs > 0 caps the
+    # generations running at once, the others wait in FIFO order.
+    prefill_tokens_per_s: float = 0.0
+    kv_cache_tokens: int = 0
+    max_num_seqs: int = 0
+    block_tokens: int = 16
+
+    def __post_init__(self) -> None:
+        if not (self.prefill_tokens_per_s >= 0 and self.kv_cache_tokens >= 0 and self.max_num_seqs >= 0):
+            raise ValueError("prefill_tokens_per_s, kv_cache_tokens and max_num_seqs must be >= 0")
+        if self.block_tokens < 1:
+            raise ValueError("block_tokens must be >= 1")
 
     @property
     def tool_parser(self) -> str | None:
@@ -128,6 +144,7 @@ class Generation(Protocol):
     def error_body(self) -> tuple[int, bytes]: ...
     def body(self) -> bytes: ...
     def events(self) -> Iterable[tuple[int, bytes]]: ...
+    def prompt_sequences(self) -> list[list[Segment]]: ...  # the engine prompts as tokens (`prompt_tokens`)
 
 
 class OneChoice:
@@ -146,6 +163,10 @@ class OneChoice:
     @property
     def finish(self) -> str:
         return self.choice.finish
+
+    def prompt_sequences(self) -> list[list[Segment]]:
+        """No prompt material the prefix cache can see (audio); Responses overrides it."""
+        return []
 
 
 class Choice:
@@ -180,6 +201,7 @@ class Plan:
         "created",
         "include_usage",
         "kind",
+        "material",
         "model",
         "prompt_logprobs",
         "prompt_tokens",
@@ -202,6 +224,12 @@ class Plan:
         # vLLM extras of a non-streaming body (`prompt_options` reads them from a request):
         self.return_token_ids = False  # prompt_token_ids (top level for chat) and each choice's token_ids
         self.prompt_logprobs: int | None = None  # prompt_logprobs: per prompt token, the top-k (>= 1 entry)
+        self.material: Callable[[], list[list[Segment]]] | None = None  # the planner's prompt renderer
+
+    def prompt_sequences(self) -> list[list[Segment]]:
+        """The engine prompts as the simulated tokenizer's tokens (rendered on demand: only the prefix
+        cache needs them)."""
+        return self.material() if self.material is not None else []
 
     @property
     def completion_tokens(self) -> int:

@@ -48,7 +48,9 @@ from typing import Any
 
 import msgspec
 
+from backends.sim import prompt_tokens
 from backends.sim.planning import Planner, chat_prompt_tokens, text_of
+from backends.sim.prompt_tokens import Segment
 from backends.sim.responses import (
     GENERATION_ERROR_BODY,
     Choice,
@@ -201,7 +203,7 @@ class ResponsesPlan(OneChoice):
 
     def __init__(self, request: _Request, model: str, prompt: int, limit: int, choice: Choice,
                  call: tuple[str, str] | None, messages: list[dict[str, Any]], store: ResponseStore | None,
-                 ) -> None:
+                 tools_json: bytes = b"") -> None:
         self.request = request
         self.model = model
         self.prompt_tokens = prompt
@@ -210,6 +212,7 @@ class ResponsesPlan(OneChoice):
         self.call = call  # (name, arguments) of a function call the parser would extract
         self.messages = messages
         self.store = store  # None: not stored (store false, or the store is disabled)
+        self.tools_json = tools_json  # the counted tools as the prompt rule measured them
         self.stream = bool(request.stream)
         self.rid = request.request_id or f"resp_{_hex()}"
         self.created = int(time.time())
@@ -220,6 +223,9 @@ class ResponsesPlan(OneChoice):
         if not self.stream:
             return 0
         return max(0, min(self.completion_tokens, events - self.overhead))
+
+    def prompt_sequences(self) -> list[list[Segment]]:
+        return prompt_tokens.chat(self.messages, self.tools_json)
 
     def inband_error(self) -> bytes | None:
         # vLLM validates its error JSON as a stream event, which fails, and the stream breaks off
@@ -361,7 +367,8 @@ def plan(planner: Planner, store: ResponseStore, body: bytes) -> ResponsesPlan:
     messages += _input_messages(req.input)
     functions = [t for t in req.tools if t.get("type") == "function"]
     counted = req.tools if req.tools and req.tool_choice != "none" else []
-    prompt = chat_prompt_tokens(messages, len(_enc.encode(counted)) if counted else 0)
+    tools_json = _enc.encode(counted) if counted else b""
+    prompt = chat_prompt_tokens(messages, len(tools_json))
     total = options.max_model_len
     if total <= prompt:
         raise error(400, f"The engine prompt length {prompt} exceeds the max_model_len {total}. Please reduce "
@@ -377,7 +384,8 @@ def plan(planner: Planner, store: ResponseStore, body: bytes) -> ResponsesPlan:
     else:
         seed = next((text_of(m.get("content")) for m in reversed(messages) if m.get("role") == "user"), "")
         choice = planner.text_choice(seed, prompt, limit, req.max_output_tokens is not None)
-    return ResponsesPlan(req, model, prompt, limit, choice, call, messages, store if keep else None)
+    return ResponsesPlan(req, model, prompt, limit, choice, call, messages, store if keep else None,
+                         tools_json)
 
 
 def _tool_call(options: SimOptions, req: _Request, functions: list[dict[str, Any]],

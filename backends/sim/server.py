@@ -13,11 +13,16 @@ I/O and the bounds on idle/slow/huge input live in `wire`. What to answer is dec
 `planning`/`responses`; this module only decides *when* bytes go out and keeps the counters.
 
 Rules:
-- Time: step k of a stream is due at t0 + ttft + k / tokens_per_s (absolute deadlines, so drift
+- Time: step k of a stream is due at first + k / tokens_per_s (absolute deadlines, so drift
   never accumulates); unpaced streams are written in batches of `STREAM_BATCH` events
-  (still one SSE event per token). Non-streaming answers are ready at t0 + ttft + decode time +
-  latency. t0 is when the request body was complete.
-- Disconnects: whenever we wait (ttft, pacing, latency) the connection's own task parks on socket
+  (still one SSE event per token). Non-streaming answers are ready at first + decode time +
+  latency. first = t0 + ttft, t0 being when the request body was complete -- unless the
+  prefix-cache/scheduler model is on (`scheduler`): then a generation may first wait for a slot
+  (`max_num_seqs`, FIFO, vllm:num_requests_waiting) and first = prefill end + ttft, the prefill
+  being its uncached prompt tokens (`prefix_cache`) at `prefill_tokens_per_s` on the engine's one
+  prefill timeline. The slot and the prompt's cache blocks are held until the answer ends. Pooling
+  requests do not go through the scheduler.
+- Disconnects: whenever we wait (slot, ttft, pacing, latency) the connection's own task parks on socket
   readability with the due time as its deadline -- no extra watcher task; EOF or a reset ends the
   generation, counted as aborted (`cancelled_total`, `finished_reason="abort"`), like vLLM's
   `with_cancellation` / StreamingResponse disconnect handling. Failed writes count the same way.
@@ -73,6 +78,7 @@ from backends.sim.responses import (
     models_body,
 )
 from backends.sim.responses_api import ResponsesPlan, ResponseStore, Stored
+from backends.sim.scheduler import Scheduler, Ticket
 from backends.sim.wire import JSON, MAX_HEAD_BYTES, Conn, Refused, Request, read_request, sse_head
 
 log = logging.getLogger(__name__)
@@ -113,15 +119,21 @@ class SimStatistics(msgspec.Struct, frozen=True, kw_only=True):
     prompt_tokens_total: int
     generation_tokens_total: int
     open_connections: int
+    waiting: int = 0  # generations queued for a slot (vllm:num_requests_waiting summed; `max_num_seqs`)
+    prefix_cache_queries_total: int = 0  # prompt tokens looked up in the prefix cache (`kv_cache_tokens`)
+    prefix_cache_hits_total: int = 0  # of those, tokens found cached
 
 
 class _Model:
     """Per-model counters behind /metrics."""
 
-    __slots__ = ("generation", "live", "prompt", "running", "success")
+    __slots__ = ("generation", "hits", "live", "prompt", "queries", "running", "success", "waiting")
 
     def __init__(self) -> None:
         self.running = 0
+        self.waiting = 0  # queued for a slot (max_num_seqs)
+        self.queries = 0  # prefix cache: prompt tokens queried, and hit
+        self.hits = 0
         self.prompt = 0
         self.generation = 0  # tokens of finished generations
         self.live: set[Callable[[float], int]] = set()  # tokens so far of each running generation
@@ -158,6 +170,8 @@ class SimServer:
         self.requests: collections.deque[RecordedRequest] = collections.deque(maxlen=RECORDED)
         self.responses: collections.deque[bytes] = collections.deque(maxlen=RECORDED)
         self._planner = Planner(options)
+        self.scheduler = Scheduler(options.max_num_seqs, options.prefill_tokens_per_s,
+                                   options.kv_cache_tokens, options.block_tokens)
         self._pooler = Pooler(self._planner)
         self.response_store = ResponseStore()  # POST /v1/responses with store; LRU, this server only
         self._background: trio.Nursery | None = None  # background Responses generations
@@ -238,7 +252,9 @@ class SimServer:
             errors_total=t["errors"],
             prompt_tokens_total=sum(m.prompt for m in self._models.values()),
             generation_tokens_total=sum(self._generation_tokens(n, m, now) for n, m in self._models.items()),
-            open_connections=t["connections"])
+            open_connections=t["connections"], waiting=sum(m.waiting for m in self._models.values()),
+            prefix_cache_queries_total=sum(m.queries for m in self._models.values()),
+            prefix_cache_hits_total=sum(m.hits for m in self._models.values()))
 
     # -- connection loop -------------------------------------------------------------------------
 
@@ -410,15 +426,17 @@ class SimServer:
         o = self.options
         t0 = trio.current_time()
         counters = self._models[plan.model]
-        counters.running += 1
         counters.prompt += plan.prompt_tokens
-        first = t0 + o.ttft_ms / 1000
-        live = functools.partial(_live_scheduled, plan.completion_tokens, first, o.tokens_per_s)
-        counters.live.add(live)
+        ticket = self.scheduler.enqueue()
+        live: Callable[[float], int] | None = None
         outcome = "abort"
         with trio.CancelScope() as scope:
             stored.task = scope
             try:
+                first = await self._admit(None, ticket, plan, counters, t0)
+                assert first is not None  # nobody to hang up
+                live = functools.partial(_live_scheduled, plan.completion_tokens, first, o.tokens_per_s)
+                counters.live.add(live)
                 ready = first + o.latency_ms / 1000
                 if o.tokens_per_s > 0:
                     ready += max(plan.max_steps - 1, 0) / o.tokens_per_s
@@ -438,10 +456,11 @@ class SimServer:
                     outcome = plan.finish
             finally:
                 stored.task = None
-                counters.live.discard(live)
+                if live is not None:
+                    counters.live.discard(live)
                 tokens = plan.completion_tokens if outcome not in ("abort", "error") else \
-                    (live(trio.current_time()) if outcome == "abort" else 0)
-                self._finish(counters, outcome, tokens)
+                    (live(trio.current_time()) if outcome == "abort" and live is not None else 0)
+                self._finish(counters, outcome, tokens, ticket)
 
     async def _retrieve(self, conn: Conn, request: Request, rid: str) -> bool:
         item = self.response_store.get(rid) if self.options.enable_responses_store else None
@@ -512,9 +531,14 @@ class SimServer:
         family("vllm:num_requests_running", "gauge", "Number of requests in model execution batches.",
                lambda c: c.running)
         family("vllm:num_requests_waiting", "gauge", "Number of requests waiting to be processed.",
-               lambda c: 0)
+               lambda c: c.waiting)
+        cache = self.scheduler.cache
         family("vllm:kv_cache_usage_perc", "gauge", "KV-cache usage. 1 means 100 percent usage.",
-               lambda c: min(1.0, c.running / 256))
+               (lambda c: cache.usage()) if cache is not None else (lambda c: min(1.0, c.running / 256)))
+        family("vllm:prefix_cache_queries_total", "counter",
+               "Prefix cache queries, in terms of number of queried tokens.", lambda c: c.queries)
+        family("vllm:prefix_cache_hits_total", "counter",
+               "Prefix cache hits, in terms of number of cached tokens.", lambda c: c.hits)
         family("vllm:prompt_tokens_total", "counter", "Number of prefill tokens processed.",
                lambda c: c.prompt)
         tokens = {id(m): self._generation_tokens(n, m, now) for n, m in self._models.items()}
@@ -538,23 +562,27 @@ class SimServer:
         except SimError as exc:
             return await self._error(conn, request, exc.status, exc.body)
         counters = self._models[plan.model]
-        counters.running += 1
         counters.prompt += plan.prompt_tokens
+        ticket = self.scheduler.enqueue()
         sent: list[bytes] = []
         outcome = "abort"
         o = self.options
-        if plan.stream:
-            live = functools.partial(_live_streamed, plan, sent)
-        else:
-            live = functools.partial(_live_scheduled, plan.completion_tokens, t0 + o.ttft_ms / 1000, o.tokens_per_s)
-        counters.live.add(live)
+        live: Callable[[float], int] | None = None
         try:
+            first = await self._admit(conn, ticket, plan, counters, t0)
+            if first is None:
+                return False  # the client gave up while it waited for a slot
             if plan.stream:
-                ended = await self._stream(conn, plan, t0, sent)
+                live = functools.partial(_live_streamed, plan, sent)
+            else:
+                live = functools.partial(_live_scheduled, plan.completion_tokens, first, o.tokens_per_s)
+            counters.live.add(live)
+            if plan.stream:
+                ended = await self._stream(conn, plan, first, sent)
                 if ended is not None:
                     outcome = ended
                 return outcome != "abort" and request.keep_alive
-            ready = t0 + (o.ttft_ms + o.latency_ms) / 1000
+            ready = first + o.latency_ms / 1000
             if o.tokens_per_s > 0:
                 ready += max(plan.max_steps - 1, 0) / o.tokens_per_s
             if ready > trio.current_time() and not await self._sleep_watching(conn, ready):
@@ -574,17 +602,48 @@ class SimServer:
             return request.keep_alive
         finally:
             self.responses.append(b"".join(sent)[:RECORDED_BODY_BYTES])
-            counters.live.discard(live)
+            if live is not None:
+                counters.live.discard(live)
             if outcome in ("abort", "error"):  # what reached the wire (the error event is not a token)
                 tokens = plan.streamed_tokens(len(sent) - (outcome == "error"))
             else:
                 tokens = plan.completion_tokens
-            self._finish(counters, outcome, tokens)
+            self._finish(counters, outcome, tokens, ticket)
 
-    def _finish(self, counters: _Model, outcome: str, tokens: int) -> None:
+    async def _admit(self, conn: Conn | None, ticket: Ticket, plan: Generation, counters: _Model,
+                     t0: float) -> float | None:
+        """Wait for a slot (`max_num_seqs`; FIFO, watching the socket if there is one), then start the
+        request on the engine (prefix cache, prefill): when its first token is due, or None if the
+        client hung up while it waited. Admitted at once, the clock is t0 (today's timing exactly)."""
+        now = t0
+        if not ticket.admitted:
+            assert ticket.scope is not None
+            counters.waiting += 1
+            try:
+                with ticket.scope:  # cancelled when the scheduler hands this request a slot
+                    if conn is None:
+                        await trio.sleep_forever()
+                    elif not await self._watch_forever(conn):
+                        return None
+            finally:
+                counters.waiting -= 1
+            now = trio.current_time()
+        counters.running += 1
+        sched = self.scheduler
+        start = sched.start(ticket, plan.prompt_sequences() if sched.cache is not None else [],
+                            plan.prompt_tokens, now)
+        counters.queries += start.queried
+        counters.hits += start.hits
+        return start.prefill_end + self.options.ttft_ms / 1000
+
+    def _finish(self, counters: _Model, outcome: str, tokens: int, ticket: Ticket | None = None) -> None:
         """Book one generation: outcome is its finish_reason, "error" when the engine failed it, or
-        "abort" when it was cut."""
-        counters.running -= 1
+        "abort" when it was cut (or gave up waiting for a slot). `ticket`: its place in the scheduler
+        (pooling requests have none), handed on to the next waiting request."""
+        if ticket is None or ticket.started:
+            counters.running -= 1
+        if ticket is not None:
+            self.scheduler.finish(ticket, _now())
         counters.generation += tokens
         counters.success[_ENGINE_REASON[outcome]] += 1
         if outcome == "abort":
@@ -593,18 +652,17 @@ class SimServer:
             self._totals["finished"] += 1
             self._totals[outcome] += 1
 
-    async def _stream(self, conn: Conn, plan: Generation, t0: float, sent: list[bytes]) -> str | None:
-        """Write the SSE stream; its outcome (the plan's finish, or "error" after an in-band error), None
-        if it was cut (client gone, write failed, fault injected)."""
+    async def _stream(self, conn: Conn, plan: Generation, first: float, sent: list[bytes]) -> str | None:
+        """Write the SSE stream, its first token due at `first`; its outcome (the plan's finish, or
+        "error" after an in-band error), None if it was cut (client gone, write failed, fault injected)."""
         try:
-            return await self._pump(conn, plan, t0, sent)
+            return await self._pump(conn, plan, first, sent)
         except trio.BrokenResourceError:
             return None
 
-    async def _pump(self, conn: Conn, plan: Generation, t0: float, sent: list[bytes]) -> str | None:
+    async def _pump(self, conn: Conn, plan: Generation, first: float, sent: list[bytes]) -> str | None:
         rate = self.options.tokens_per_s
-        first = t0 + self.options.ttft_ms / 1000
-        paced = rate > 0 or first > t0
+        paced = rate > 0 or first > trio.current_time()
         die = self.die_after_events
         conn.scope.deadline = math.inf  # a stream is not idle; only a write that stalls gets a limit
         out = [sse_head()]
