@@ -125,6 +125,12 @@ def permission_denied(message: str) -> ApiError:
     return ApiError(403, message, "permission_error", code="tier_not_allowed")
 
 
+def admin_required(message: str) -> ApiError:
+    """403 on the operator's status page: a valid key that is not an admin key, or an open gateway
+    asked from anywhere but loopback (proxy/admit/status.py)."""
+    return ApiError(403, message, "permission_error", code="admin_required")
+
+
 def model_not_found(model: str) -> ApiError:
     return ApiError(
         404,

@@ -1,7 +1,9 @@
 """API keys: the keys file (TOML, hashes only) and the in-memory lookup used on every request.
 
 Strategy: a secret is shown once, at `keys add`, and never stored: the file holds
-``sha256:<hex>`` of it plus the key's name, limits and allowed tiers. Requests are authenticated by
+``sha256:<hex>`` of it plus the key's name, limits, allowed tiers and whether it is an admin key
+(`admin`: it may read the operator's status page, proxy/admit/status.py; written only when true, so
+older files load unchanged). Requests are authenticated by
 hashing the presented bearer token and looking the digest up in a dict (`KeyStore`), so no secret
 comparison happens in Python. The file is strict (unknown fields are errors) and rewritten
 atomically (temp file + rename, mode 0600), so a crash never leaves it half-written. Revoking keeps
@@ -41,6 +43,7 @@ class KeyRecord(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only
     tiers: list[str] = msgspec.field(default_factory=list)  # empty: every tier
     created: str = ""
     revoked: bool = False
+    admin: bool = False  # may read the operator's status page (/status.json)
 
     def allows_tier(self, tier: str) -> bool:
         return not self.tiers or tier in self.tiers
@@ -97,6 +100,8 @@ def _render(kf: KeysFile) -> str:
         out.append("tiers = [" + ", ".join(_toml_str(t) for t in rec.tiers) + "]\n")
         out.append(f"created = {_toml_str(rec.created)}\n")
         out.append(f"revoked = {'true' if rec.revoked else 'false'}\n")
+        if rec.admin:
+            out.append("admin = true\n")
     return "".join(out)
 
 
@@ -133,7 +138,7 @@ def already_revoked(name: str) -> KeysError:
 
 
 def new_key(name: str, *, rpm: int | None = None, tpm: int | None = None,
-            tiers: list[str] | None = None) -> tuple[str, KeyRecord]:
+            tiers: list[str] | None = None, admin: bool = False) -> tuple[str, KeyRecord]:
     """Validate a new key's fields; returns (secret, record holding only its digest). Shared by the
     keys file (`add`) and the keys database (keys_db.add)."""
     if not _NAME_RE.match(name):
@@ -148,13 +153,13 @@ def new_key(name: str, *, rpm: int | None = None, tpm: int | None = None,
     secret = SECRET_PREFIX + secrets.token_urlsafe(32)
     now = datetime.datetime.now(datetime.UTC).replace(microsecond=0).isoformat()
     return secret, KeyRecord(name=name, hash=digest(secret), prefix=secret[:10], rpm=rpm, tpm=tpm,
-                             tiers=tiers, created=now)
+                             tiers=tiers, created=now, admin=admin)
 
 
 def add(path: str | Path, name: str, *, rpm: int | None = None, tpm: int | None = None,
-        tiers: list[str] | None = None) -> str:
+        tiers: list[str] | None = None, admin: bool = False) -> str:
     """Create a key; returns the secret (the only time it exists outside the client)."""
-    secret, record = new_key(name, rpm=rpm, tpm=tpm, tiers=tiers)
+    secret, record = new_key(name, rpm=rpm, tpm=tpm, tiers=tiers, admin=admin)
     kf = read(path)
     if any(r.name == name for r in kf.keys):
         raise duplicate_name(name)

@@ -1,13 +1,15 @@
 """API keys in PostgreSQL: the same records as the keys file, shared by every gateway host.
 
 Strategy: table `api_keys` holds what the keys file holds (name, ``sha256:<hex>`` digest, prefix,
-limits, tiers, created, revoked) -- never a secret. Every add and revoke bumps the one row of
+limits, tiers, created, revoked, admin) -- never a secret. Every add and revoke bumps the one row of
 `api_keys_version` in the same transaction, so a gateway polls one tiny row (`version`) and reloads
 the keys (`load`: the version and the rows read by ONE statement, hence one snapshot) only when it
 moved (keys_refresh.py). The schema is created on first use by `connect`, under a transaction-scoped
 advisory lock (`SCHEMA_LOCK`) so hosts starting together queue instead of failing; its version is the
-row ('keys', 1) of `spotinference_schema`, a table other components (usage) share: created IF NOT
-EXISTS, only our row touched. Validation, secrets and messages come from keys.py (`new_key` and the
+row ('keys', N) of `spotinference_schema`, a table other components (usage) share: created IF NOT
+EXISTS, only our row touched. Version 1 is `_SCHEMA`; each later version is one step of `_MIGRATIONS`
+(2: the `admin` column), applied and recorded under the same lock, so an older database is brought up
+to date by whoever connects first. Validation, secrets and messages come from keys.py (`new_key` and the
 error helpers), so the file and the database behave alike. Everything here is synchronous (the
 gateway calls it in threads). Errors are `keys.KeysError`; an unreachable database is the subclass
 `Unreachable`, naming host:port/db and never the password.
@@ -27,7 +29,7 @@ try:
 except ImportError:  # the optional "cluster" extra
     psycopg = None
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 # pg_advisory_xact_lock key of every spotinference schema migration ("spot_sch"): the same key as
 # proxy/usage/pg_store.LOCK_KEY, so all components sharing `spotinference_schema` serialize.
 SCHEMA_LOCK = 0x73706F745F736368
@@ -35,7 +37,7 @@ CONNECT_TIMEOUT_S = 5
 # A dead peer (no RST: host down, network cut) fails a query in ~5 s instead of hanging for minutes.
 _LINK = {"keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2, "keepalives_count": 2,
          "tcp_user_timeout": 5000}
-_COLUMNS = "k.name, k.hash, k.prefix, k.rpm, k.tpm, k.tiers, k.created, k.revoked"
+_COLUMNS = "k.name, k.hash, k.prefix, k.rpm, k.tpm, k.tiers, k.created, k.revoked, k.admin"
 
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS spotinference_schema (component text PRIMARY KEY, version int NOT NULL)",
@@ -53,6 +55,10 @@ _SCHEMA = (
     "INSERT INTO api_keys_version (one, version) VALUES (true, 0) ON CONFLICT DO NOTHING",
     "INSERT INTO spotinference_schema (component, version) VALUES ('keys', 1) ON CONFLICT DO NOTHING",
 )
+# version -> the statements that bring a database of the version before up to it
+_MIGRATIONS = {
+    2: ("ALTER TABLE api_keys ADD COLUMN IF NOT EXISTS admin boolean NOT NULL DEFAULT false",),
+}
 
 
 class Unreachable(KeysError):
@@ -124,9 +130,16 @@ def _migrate(conn: psycopg.Connection) -> None:
                 if row is None:
                     for statement in _SCHEMA:
                         conn.execute(statement)
-                elif row[0] > SCHEMA_VERSION:
-                    raise KeysError(f"the keys database schema is version {row[0]}, newer than this "
+                found = 1 if row is None else row[0]
+                if found > SCHEMA_VERSION:
+                    raise KeysError(f"the keys database schema is version {found}, newer than this "
                                     f"spotinference understands ({SCHEMA_VERSION}): upgrade spotinference")
+                for v in range(found + 1, SCHEMA_VERSION + 1):
+                    for statement in _MIGRATIONS[v]:
+                        conn.execute(statement)
+                if found < SCHEMA_VERSION:
+                    conn.execute("UPDATE spotinference_schema SET version = %s WHERE component = 'keys'",
+                                 (SCHEMA_VERSION,))
             return
         except (psycopg.errors.UniqueViolation, psycopg.errors.DuplicateTable):
             # A component migrating under another lock created spotinference_schema at the same time.
@@ -151,14 +164,14 @@ def _bump(conn: psycopg.Connection) -> int:
 
 
 def add(url: str, name: str, *, rpm: int | None = None, tpm: int | None = None,
-        tiers: list[str] | None = None) -> str:
+        tiers: list[str] | None = None, admin: bool = False) -> str:
     """Create a key; returns the secret (only its digest is stored)."""
-    secret, rec = keys.new_key(name, rpm=rpm, tpm=tpm, tiers=tiers)
+    secret, rec = keys.new_key(name, rpm=rpm, tpm=tpm, tiers=tiers, admin=admin)
     with _session(url) as conn, _errors(_where_conn(conn)), conn.transaction():
         cur = conn.execute(
-            "INSERT INTO api_keys (name, hash, prefix, rpm, tpm, tiers, created) "
-            "VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (name) DO NOTHING",
-            (rec.name, rec.hash, rec.prefix, rec.rpm, rec.tpm, rec.tiers, rec.created))
+            "INSERT INTO api_keys (name, hash, prefix, rpm, tpm, tiers, created, admin) "
+            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (name) DO NOTHING",
+            (rec.name, rec.hash, rec.prefix, rec.rpm, rec.tpm, rec.tiers, rec.created, rec.admin))
         if cur.rowcount == 0:
             raise keys.duplicate_name(name)
         _bump(conn)
@@ -178,9 +191,9 @@ def revoke(url: str, name: str) -> None:
 
 
 def _record(row) -> KeyRecord:
-    name, hash_, prefix, rpm, tpm, tiers, created, revoked = row
+    name, hash_, prefix, rpm, tpm, tiers, created, revoked, admin = row
     return KeyRecord(name=name, hash=hash_, prefix=prefix, rpm=rpm, tpm=tpm, tiers=list(tiers),
-                     created=created, revoked=revoked)
+                     created=created, revoked=revoked, admin=admin)
 
 
 def records(url_or_conn: str | psycopg.Connection) -> list[KeyRecord]:

@@ -7,7 +7,8 @@ Responses API's in-band event), set on the connection and the record before anyt
 order of checks, so that each abuse case is refused as early and as cheaply as possible: CORS
 preflight (cors.py, only with `cors_origins`) -> route (404/405) -> API key (401, auth.py) -> handler.
 Upstream handlers continue in inference.py (declared size and type before a byte of the body is
-read, then validation, tier, limits); the gateway's own endpoints are local.py's.
+read, then validation, tier, limits); the gateway's own endpoints are local.py's, the operator's
+status page and its JSON status.py's (the JSON needs a key like every keyed route, then an admin one).
 `dispatch` sends exactly one response per request (or ends the connection) and closes the request's
 record (`Exchange.finish`) whatever happens, cancellation included. Any other exception meets the crash
 barrier (accept/barrier.py): 500 (or an in-band error), logged and counted, the connection closed.
@@ -24,6 +25,7 @@ from proxy.admit import cors
 from proxy.admit.auth import authenticate
 from proxy.admit.inference import forward_audio, forward_inference, forward_stored
 from proxy.admit.local import handle_healthz, handle_metrics, handle_models, handle_version
+from proxy.admit.status import handle_status_json, handle_status_page
 from proxy.exchange import Exchange
 from proxy.parse.request import RequestError, origin_form, target_path
 
@@ -52,6 +54,8 @@ ROUTES = {
     b"/health": ((b"GET", b"HEAD"), handle_healthz, False, "healthz"),
     b"/version": ((b"GET",), handle_version, False, "version"),
     b"/metrics": ((b"GET",), handle_metrics, False, "metrics"),
+    b"/status": ((b"GET", b"HEAD"), handle_status_page, False, "status_page"),
+    b"/status.json": ((b"GET",), handle_status_json, True, "status"),
 }
 _MODELS_PREFIX = b"/v1/models/"
 _RESPONSES_PREFIX = b"/v1/responses/"

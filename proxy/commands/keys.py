@@ -1,7 +1,9 @@
 """`spotinference keys add|list|revoke`: manage API keys in the keys file or the keys database.
 
 Strategy: the secret is printed once on stdout by `add` and exists nowhere else; `list` shows names,
-prefixes, limits and state, never a secret (it has none to show). Every action takes exactly one store:
+prefixes, limits and state (active, admin -- an active key that may read the operator's status
+page, `add --admin` -- or revoked), never a secret (it has none to show). Every action takes exactly
+one store:
 `--keys-file FILE` (TOML, proxy/admit/keys.py; a running gateway picks changes up on SIGHUP,
 `systemctl reload spotinference`) or `--database-url URL` (PostgreSQL, proxy/admit/keys_db.py; every
 gateway host polls it and applies a change within a few seconds, no reload). Both print the same
@@ -33,12 +35,18 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument("--rpm", type=int, help="requests per minute")
     add.add_argument("--tpm", type=int, help="tokens per minute")
     add.add_argument("--tiers", help="comma-separated tiers the key may use (default: all)")
+    add.add_argument("--admin", action="store_true",
+                     help="an admin key: it may also read the operator's status page (/status)")
     ls = sub.add_parser("list", help="list keys (names, prefixes, limits; never secrets)")
     _store_args(ls)
     rv = sub.add_parser("revoke", help="revoke a key")
     rv.add_argument("name")
     _store_args(rv)
     return p
+
+
+def _state(r: keys.KeyRecord) -> str:
+    return "revoked" if r.revoked else "admin" if r.admin else "active"
 
 
 def main(argv: list[str]) -> int:
@@ -55,16 +63,17 @@ def main(argv: list[str]) -> int:
     try:
         if args.action == "add":
             tiers = [t.strip() for t in args.tiers.split(",") if t.strip()] if args.tiers else []
-            secret = store.add(target, args.name, rpm=args.rpm, tpm=args.tpm, tiers=tiers)
+            secret = store.add(target, args.name, rpm=args.rpm, tpm=args.tpm, tiers=tiers, admin=args.admin)
             print(secret)
-            sys.stderr.write(f"key {args.name!r} added to {where}; the secret above is shown only once.\n")
+            kind = "admin key" if args.admin else "key"
+            sys.stderr.write(f"{kind} {args.name!r} added to {where}; the secret above is shown only once.\n")
         elif args.action == "list":
             records = store.records(target) if db else keys.read(target).keys
             print(f"{'NAME':<20} {'PREFIX':<12} {'RPM':>6} {'TPM':>9} {'TIERS':<20} {'STATE':<8} CREATED")
             for r in records:
                 print(f"{r.name:<20} {r.prefix:<12} {r.rpm if r.rpm is not None else '-':>6} "
                       f"{r.tpm if r.tpm is not None else '-':>9} {','.join(r.tiers) or '*':<20} "
-                      f"{'revoked' if r.revoked else 'active':<8} {r.created}")
+                      f"{_state(r):<8} {r.created}")
         elif args.action == "revoke":
             store.revoke(target, args.name)
             sys.stderr.write(f"key {args.name!r} revoked; {applied}.\n")

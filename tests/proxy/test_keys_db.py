@@ -152,7 +152,8 @@ def test_schema_created_by_concurrent_first_users(pg_url):
     for t in threads:
         t.join(timeout=60)
     assert results == [0] * n
-    assert rows(pg_url, "SELECT component, version FROM spotinference_schema") == [("keys", 1)]
+    assert rows(pg_url, "SELECT component, version FROM spotinference_schema") == [
+        ("keys", keys_db.SCHEMA_VERSION)]
 
 
 def test_schema_table_is_shared_and_only_our_row_touched(pg_url):
@@ -161,15 +162,45 @@ def test_schema_table_is_shared_and_only_our_row_touched(pg_url):
         conn.execute("INSERT INTO spotinference_schema VALUES ('usage', 1)")
     keys_db.add(pg_url, "alice")
     assert sorted(rows(pg_url, "SELECT component, version FROM spotinference_schema")) == [
-        ("keys", 1), ("usage", 1)]
+        ("keys", keys_db.SCHEMA_VERSION), ("usage", 1)]
 
 
 def test_a_newer_schema_is_refused(pg_url):
     keys_db.version(pg_url)
     with psycopg.connect(pg_url, autocommit=True) as conn:
-        conn.execute("UPDATE spotinference_schema SET version = 2 WHERE component = 'keys'")
-    with pytest.raises(keys.KeysError, match="schema is version 2, newer"):
+        conn.execute("UPDATE spotinference_schema SET version = %s WHERE component = 'keys'",
+                     (keys_db.SCHEMA_VERSION + 1,))
+    with pytest.raises(keys.KeysError, match=f"schema is version {keys_db.SCHEMA_VERSION + 1}, newer"):
         keys_db.version(pg_url)
+
+
+def test_cli_admin_key_in_the_database(pg_url):
+    r = cli("add", "ops", "--database-url", pg_url, "--admin")
+    assert r.returncode == 0 and "admin key 'ops' added" in r.stderr, r.stderr
+    admin = r.stdout.strip()
+    assert cli("add", "alice", "--database-url", pg_url).returncode == 0
+    assert rows(pg_url, "SELECT name, admin FROM api_keys ORDER BY name") == [("alice", False), ("ops", True)]
+    listed = cli("list", "--database-url", pg_url).stdout.splitlines()
+    assert {line.split()[0]: line.split()[5] for line in listed[1:]} == {"ops": "admin", "alice": "active"}
+    _, records = keys_db.load(pg_url)
+    assert keys.KeyStore(records).lookup(admin.encode()).admin
+    assert keys_db.SCHEMA_VERSION == 2
+
+
+def test_a_version_1_database_gets_the_admin_column(pg_url):
+    with psycopg.connect(pg_url, autocommit=True) as conn:  # the schema as version 1 left it, one key in it
+        for statement in keys_db._SCHEMA:
+            conn.execute(statement)
+        conn.execute("INSERT INTO api_keys (name, hash) VALUES ('old', %s)", (keys.digest("sk-si-old"),))
+    assert rows(pg_url, "SELECT version FROM spotinference_schema WHERE component = 'keys'") == [(1,)]
+    (old,) = keys_db.records(pg_url)  # connecting migrates, under the schema lock
+    assert old.name == "old" and old.admin is False
+    assert rows(pg_url, "SELECT version FROM spotinference_schema WHERE component = 'keys'") == [(2,)]
+    keys_db.add(pg_url, "ops", admin=True)
+    assert [(r.name, r.admin) for r in keys_db.records(pg_url)] == [("old", False), ("ops", True)]
+    keys_db.version(pg_url)  # a second connect finds it current and changes nothing
+    assert rows(pg_url, "SELECT count(*) FROM information_schema.columns WHERE table_name = 'api_keys' "
+                "AND column_name = 'admin'") == [(1,)]
 
 
 # -- the refresher ------------------------------------------------------------------------------
