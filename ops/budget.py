@@ -12,8 +12,10 @@ a clock, sleeps or logs.
 
 from __future__ import annotations
 
+import collections
 import enum
 import math
+import statistics
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -76,6 +78,49 @@ class Wake:
     def timeline(self) -> list[tuple[str, float]]:
         """(phase, seconds since requested) for the phases reached, in phase order."""
         return [(p.value, round(self.marks[p] - self.requested_at, 3)) for p in Phase if p in self.marks]
+
+
+# What a waiting client is told a wake is doing (the `: waking phase=...` comment, the status page):
+# the last milestone reached, in words. Stable names: clients and dashboards may match on them.
+STAGES = {Phase.REQUESTED: "starting",  # asked for; StartInstances not sent yet
+          Phase.START_SENT: "booting",  # StartInstances sent; EC2 does not show the instance running yet
+          Phase.RUNNING: "loading",  # the instance runs; vLLM not answering /health with the model yet
+          Phase.HEALTHY: "finishing"}  # one host ready; waiting for the others (within the budget)
+
+
+class WakeHistory:
+    """The last wakes' timelines, and what they say about the one under way (its ETA).
+
+    The estimate is by phase: for the phase the wake is in, the median over past wakes of the time
+    from reaching that phase to ready, less the time already spent in it -- so a wake that is slow to
+    get its instance but then boots at the usual pace gets an honest ETA once it is running. With no
+    past wake that reached the phase, the budget is the estimate. Never negative: an overdue wake is 0.
+    """
+
+    def __init__(self, keep: int = 8) -> None:
+        self._done: collections.deque[dict[Phase, float]] = collections.deque(maxlen=keep)
+
+    def __len__(self) -> int:
+        return len(self._done)
+
+    def add(self, wake: Wake) -> None:
+        if wake.ready:
+            self._done.append({p: t - wake.requested_at for p, t in wake.marks.items()})
+
+    def progress(self, wake: Wake, now: float, budget_s: float) -> tuple[str, float, float]:
+        """(stage, seconds since the wake was asked for, expected seconds until ready)."""
+        phase = max((p for p in wake.marks if p is not Phase.READY), key=_ORDER.index)
+        elapsed = wake.elapsed(now)
+        in_phase = now - wake.marks[phase]
+        rests = sorted(d[Phase.READY] - d[phase] for d in self._done if phase in d and Phase.READY in d)
+        if rests:
+            eta = statistics.median(rests) - in_phase
+        else:
+            eta = budget_s - elapsed
+        return STAGES[phase], elapsed, max(0.0, eta)
+
+
+_ORDER = list(Phase)
 
 
 def expected_wake_s(budget_s: float, last_wake_s: float | None) -> float:

@@ -34,6 +34,9 @@ state, join a waiting room and poke the controller (`_kick`). States (DESIGN.md 
   waker finds silent or stalled end, and the gateway and the waker agree on verdicts. A host the
   record calls down (`health_failures` failures in a row) or stalled (running requests, generation
   tokens frozen for the book's `stall_s`) leaves `upstreams()` at once.
+- Read-only views: `statistics()` (the metrics) and `status_view()` (the operator's status page,
+  proxy/admit/status.py: every host with a URL and whether a spot notice holds it, the wake under way,
+  the last `WAKE_HISTORY` wakes' timelines).
 The bookkeeping (members, engaged fallback steps, routable/awaited/startable) is the pure
 `ops.budget.Inventory`; this module does the I/O and the state machine. All blocking EC2/SQS calls go through
 trio.to_thread with this waker's limiters.
@@ -41,8 +44,10 @@ trio.to_thread with this waker's limiters.
 
 from __future__ import annotations
 
+import collections
 import enum
 import logging
+import time
 import uuid
 from collections.abc import Callable
 from urllib.parse import urlsplit
@@ -58,11 +63,13 @@ from ops.budget import FALLBACK, LAUNCHED, PRIMARY, TIER, UP, Inventory, Member
 from ops.ec2 import Backoff, CapacityError, Clients, Ec2, Ec2Error, Instance, StateError
 from ops.interruptions import InterruptionQueue, Notice, poll_notices
 from ops.lease import LOCAL, TierLink
+from ops.meter import GpuMeter
 from ops.settings import WakeConfig
 
 logger = logging.getLogger(__name__)
 
 TIER_TAG = "spotinference:tier"
+WAKE_HISTORY = 5  # finished wakes kept for the status page
 
 
 class TierState(enum.Enum):
@@ -95,6 +102,23 @@ class WakerStatistics(msgspec.Struct, frozen=True):
     upstream_down_total: int
     fallback_tier: str | None
     last_timeline: tuple[tuple[str, float], ...]
+
+
+class FinishedWake(msgspec.Struct, frozen=True):
+    finished_at: float  # unix time the tier became ready
+    total_s: float  # requested -> ready
+    timeline: tuple[tuple[str, float], ...]  # (phase, seconds since requested), in phase order
+
+
+class WakerView(msgspec.Struct, frozen=True):
+    """What the status page shows of a waker; a snapshot, read-only."""
+
+    hosts: tuple[tuple[str, bool], ...]  # (url, held by a spot notice) of every member with a URL
+    wake: tuple[tuple[str, float], ...] | None  # the wake under way: the phases reached so far
+    wake_elapsed_s: float | None  # since that wake was requested
+    recent_wakes: tuple[FinishedWake, ...]  # oldest first, at most WAKE_HISTORY
+    budget_s: float
+    hard_cap_s: float
 
 
 class Waker:
@@ -136,6 +160,9 @@ class Waker:
         self._counts = {"wakes": 0, "budget": 0, "stops": 0, "interruptions": 0, "fallbacks": 0, "down": 0}
         self._last_wake_s: float | None = None
         self._last_timeline: tuple[tuple[str, float], ...] = ()
+        self._history = budget.WakeHistory()  # the last wakes, by phase: the ETA of the next
+        self._meter = GpuMeter()  # paid host-seconds (ops/meter.py), fed where _refresh_ec2 observes states
+        self._wakes: collections.deque[FinishedWake] = collections.deque(maxlen=WAKE_HISTORY)
 
     # ---- the gateway's side -------------------------------------------------------------------------
 
@@ -170,6 +197,14 @@ class Waker:
         finally:
             self._waiters -= 1
 
+    def wake_progress(self) -> tuple[str, float, float] | None:
+        """(stage, seconds since the wake was asked for, expected seconds until ready) of the wake under
+        way (ops/budget.py `STAGES`, `WakeHistory`), or None when none is."""
+        wake = self._wake
+        if wake is None:
+            return None
+        return self._history.progress(wake, trio.current_time(), self.settings.budget_s)
+
     def use_health(self, book: HealthBook) -> None:
         """Keep this tier's health records in `book` (the gateway's) from now on; idempotent."""
         if book is self._health:
@@ -186,6 +221,11 @@ class Waker:
         self._update_routable()
         self._kick.set()
 
+    @property
+    def gpu_meter(self) -> GpuMeter:
+        """This tier's paid GPU time, from the EC2 states observed here (read it, never feed it)."""
+        return self._meter
+
     def statistics(self) -> WakerStatistics:
         c = self._counts
         return WakerStatistics(
@@ -193,6 +233,17 @@ class Waker:
             wakes_total=c["wakes"], wake_budget_exceeded_total=c["budget"], last_wake_s=self._last_wake_s,
             stops_total=c["stops"], interruptions_total=c["interruptions"], fallbacks_total=c["fallbacks"],
             upstream_down_total=c["down"], fallback_tier=self.fallback_tier, last_timeline=self._last_timeline)
+
+    def status_view(self) -> WakerView:
+        """The hosts, the wake under way and the last wakes, for the status page (changes nothing)."""
+        now = trio.current_time()
+        wake = self._wake
+        return WakerView(
+            hosts=tuple((m.url, m.held(now)) for m in self._inventory.members if m.url),
+            wake=None if wake is None else tuple(wake.timeline()),
+            wake_elapsed_s=None if wake is None else round(wake.elapsed(now), 3),
+            recent_wakes=tuple(self._wakes), budget_s=self.settings.budget_s,
+            hard_cap_s=self.settings.hard_cap_s)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Describe first (restart-safe), report started, then control the tier until cancelled."""
@@ -297,6 +348,8 @@ class Waker:
         wake.mark(budget.Phase.READY, now)
         self._last_wake_s = wake.duration_s()
         self._last_timeline = tuple(wake.timeline())
+        self._history.add(wake)
+        self._wakes.append(FinishedWake(time.time(), round(self._last_wake_s or 0.0, 3), self._last_timeline))
         self._wake = None
         self.fallback_tier = None
         self._idle = budget.IdleTracker(self.settings.idle_s, now)
@@ -374,6 +427,8 @@ class Waker:
         now = trio.current_time()
         for m in members:
             inst = found.get(m.instance_id)
+            self._meter.observe(m.instance_id, inst.state if inst else "terminated",
+                                started_ago_s=None if m.start_sent_at is None else now - m.start_sent_at)
             self._inventory.observe(m, inst.state if inst else "terminated", self._url_of(inst) if inst else None, now)
         self._update_routable()
         return True

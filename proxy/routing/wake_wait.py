@@ -7,7 +7,11 @@ arrived (`Exchange.t0`), so a retry after a refused connection waits within the 
   (openai-python would otherwise retry a 10-minute wait twice more).
 - Streaming requests get the 200 head and `: waking` SSE comments every `heartbeat_s` (SDKs ignore
   comments; proxies and load balancers see bytes and keep the connection); at the cap the stream
-  ends with an in-band `data: {"error": ...}` event.
+  ends with an in-band `data: {"error": ...}` event. Each comment says where the wake is, in a stable
+  form: `: waking phase=booting elapsed_s=41 eta_s=96` -- the stage (ops/budget.py `STAGES`: starting,
+  booting, loading, finishing), whole seconds since the wake was asked for, and the expected seconds
+  until ready (learned from the tier's last wakes, phase by phase; the budget before any); a bare
+  `: waking` when no wake is under way on this host (its waker has not begun it yet).
 - Past `max_waiters`, 503 with Retry-After at once (a flood of waits is bounded) -- checked before a
   stream's early head, so a refused stream gets the 503 status, not a 200 and an in-band error.
 The time waited is reported in `x-spotinference-wake-ms` (response header, or on the early SSE head).
@@ -32,11 +36,20 @@ def cap_left_s(ex: Exchange, hard_cap_s: float) -> float:
     return hard_cap_s - (time.perf_counter() - ex.t0)
 
 
-async def _heartbeat(ds: Downstream, every_s: float, scope: trio.CancelScope) -> None:
+def waking_comment(waker) -> bytes:
+    """The heartbeat comment for a stream waiting on `waker`'s tier."""
+    progress = waker.wake_progress()
+    if progress is None:
+        return WAKING_COMMENT
+    stage, elapsed_s, eta_s = progress
+    return b": waking phase=%s elapsed_s=%d eta_s=%d\n\n" % (stage.encode(), round(elapsed_s), round(eta_s))
+
+
+async def _heartbeat(ds: Downstream, waker, every_s: float, scope: trio.CancelScope) -> None:
     try:
         while True:
             await trio.sleep(every_s)
-            await ds.send_raw(ds.frame(WAKING_COMMENT))
+            await ds.send_raw(ds.frame(waking_comment(waker)))
     except ClientGone:
         scope.cancel()
 
@@ -61,7 +74,7 @@ async def wait_for_tier(gw, ds: Downstream, ex: Exchange, tier, *, stream: bool,
                 await send_early_sse_head(ds, ex, extra_headers)
             failed = None
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(_heartbeat, ds, settings.heartbeat_s, nursery.cancel_scope)
+                nursery.start_soon(_heartbeat, ds, waker, settings.heartbeat_s, nursery.cancel_scope)
                 try:
                     chosen = await _wait_ready_or_fallback(gw, ex, tier)
                 except errors.ApiError as exc:  # raised outside the nursery: an ApiError, not a group

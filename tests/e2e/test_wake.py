@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -37,14 +38,15 @@ def _toml(value) -> str:
     return json.dumps(value)  # strings, numbers and lists of strings are spelled the same in TOML
 
 
-def write_config(c: Cloud, path: Path, **wake) -> Path:
+def write_config(c: Cloud, path: Path, *, routing: str | None = None, **wake) -> Path:
     settings = {"region": "us-east-1", "endpoint_url": c.tap_url, "instance_ids": c.primary,
                 "fallback_instance_ids": c.fallback, "budget_s": 10.0, "hard_cap_s": 15.0, "idle_s": 60.0,
                 "poll_s": 0.05, "heartbeat_s": 0.2, "probe_timeout_s": 0.5, "interruption_wait_s": 0,
                 "upstream_tag": TAG, "start_retry_s": 10.0}
     settings.update(wake)
     lines = ["[server]", 'listen = "127.0.0.1:0"', "drain_s = 2.0", "", "[[tiers]]", 'name = "gpu"',
-             f"upstreams = {_toml(c.upstreams)}", f"models = {_toml(MODELS)}", "[tiers.wake]"]
+             f"upstreams = {_toml(c.upstreams)}", f"models = {_toml(MODELS)}",
+             *([f"routing = {_toml(routing)}"] if routing else []), "[tiers.wake]"]
     lines += [f"{k} = {_toml(v)}" for k, v in settings.items() if v is not None]
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -153,10 +155,15 @@ async def test_waiting_stream_gets_heartbeats_then_an_in_band_error(aws_url: str
                     async for line in resp.aiter_lines():
                         lines.append(line)
             # Every heartbeat_s (0.05 s) for the 1.5 s cap: about 30; at least 3 even on a crawling machine.
-            assert lines.count(": waking") >= 3
+            waking = [x for x in lines if x.startswith(": waking")]
+            assert len(waking) >= 3
+            # The stable form: the stage, whole seconds since the wake began, the expected rest.
+            assert all(re.fullmatch(r": waking( phase=(starting|booting|loading|finishing) elapsed_s=\d+ eta_s=\d+)?",
+                                    x) for x in waking), waking
+            assert any(" phase=" in x for x in waking)
             [event] = [x for x in lines if x.startswith("data: ")]
             assert json.loads(event[6:])["error"]["code"] == "wake_timeout"
-            assert max(i for i, x in enumerate(lines) if x == ": waking") < lines.index(event)  # then the error
+            assert max(i for i, x in enumerate(lines) if x.startswith(": waking")) < lines.index(event)  # then the error
             assert "data: [DONE]" not in lines
 
 
@@ -205,7 +212,10 @@ async def test_spot_warning_stops_routing_to_the_host_and_the_tier_recovers(aws_
                 a = sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["All"])["Attributes"]
                 return a["ApproximateNumberOfMessages"] == a["ApproximateNumberOfMessagesNotVisible"] == "0"
 
-            async with served(write_config(c, tmp_path / "g.toml", interruption_queue_url=queue)) as url, \
+            # The rotation: one long stream on each host, by construction (two identical prompts would
+            # share a home under the default prefix policy).
+            async with served(write_config(c, tmp_path / "g.toml", routing="round_robin",
+                                           interruption_queue_url=queue)) as url, \
                     trio.open_nursery() as streams:
                 await trio.to_thread.run_sync(chat, url)
                 doomed, _ = c.primary
