@@ -12,6 +12,7 @@ naming. Knobs that are durations end in `_s`; sizes end in `_bytes`.
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 import tomllib
 from pathlib import Path
@@ -20,12 +21,14 @@ from urllib.parse import urlsplit
 import msgspec
 
 from backends.settings import BackendConfig
+from ops.pricing import CostConfig
 from ops.settings import WakeConfig
 
 _ORIGIN = re.compile(r"https?://[A-Za-z0-9.\-]+(:[0-9]{1,5})?|https?://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
 
 
 ROUTING_POLICIES = ("prefix", "least_loaded", "round_robin")
+_INSTANCE_TYPE = re.compile(r"[a-z][a-z0-9-]*\.[a-z0-9]+")
 
 
 class ConfigError(ValueError):
@@ -95,6 +98,9 @@ class UsageConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     queue_max: int = 10000
     batch_max: int = 500
     flush_s: float = 0.5
+    # GPU time of tiers with [tiers.cost] is recorded per interval of this many seconds, aligned to the
+    # unix epoch (proxy/usage/gpu_time.py); every host writing one database must use the same value.
+    gpu_time_s: int = 60
 
 
 class ClusterConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -123,6 +129,8 @@ class TierConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     upstream_api_key: str | None = None
     wake: WakeConfig | None = None
     backend: BackendConfig | None = None
+    # What a host-hour of this tier costs (ops/pricing.py): `spotinference usage --cost`, docs/WAKE.md "Cost".
+    cost: CostConfig | None = None
     # How a request picks one of several upstreams (routing/policy.py): "prefix" (where its leading
     # prompt blocks were last served, under a load bound), "least_loaded", "round_robin". None: "prefix"
     # for a tier with several upstreams.
@@ -272,10 +280,42 @@ def validate(cfg: Config) -> Config:
                     f"{len(tier.upstreams)} upstream(s); instance_ids[i] is the host of upstreams[i]")
             if w.hard_cap_s < w.budget_s:
                 raise ConfigError(f"field '{where}.wake.hard_cap_s': must be >= budget_s ({w.budget_s})")
+        if tier.cost is not None:
+            _validate_cost(tier, f"{where}.cost")
     for i, tier in enumerate(cfg.tiers):
         if tier.wake is not None and tier.wake.fallback_tier is not None and tier.wake.fallback_tier not in seen_tiers:
             raise ConfigError(f"field 'tiers[{i}].wake.fallback_tier': no tier named {tier.wake.fallback_tier!r}")
     return cfg
+
+
+def _validate_cost(tier: TierConfig, where: str) -> None:
+    """[tiers.cost]: exactly one of hourly_usd or spot = true; a spot price needs its instance type, and
+    a zone when no waker can tell it."""
+    c = tier.cost
+    assert c is not None
+    if c.hourly_usd is not None and c.spot:
+        raise ConfigError(f"field '{where}.hourly_usd': set either hourly_usd or spot = true, not both")
+    if c.hourly_usd is None and not c.spot:
+        raise ConfigError(f"field '{where}': set hourly_usd = PRICE (USD per host-hour) or spot = true")
+    if c.hourly_usd is not None and not (math.isfinite(c.hourly_usd) and c.hourly_usd >= 0):
+        raise ConfigError(f"field '{where}.hourly_usd': must be a price >= 0, got {c.hourly_usd}")
+    if not c.refresh_s > 0:
+        raise ConfigError(f"field '{where}.refresh_s': must be > 0, got {c.refresh_s}")
+    if not c.spot:
+        return
+    if not c.instance_type or not _INSTANCE_TYPE.fullmatch(c.instance_type):
+        raise ConfigError(f"field '{where}.instance_type': spot = true needs the EC2 instance type, "
+                          f"like \"p5.48xlarge\", got {c.instance_type!r}")
+    if not c.product:
+        raise ConfigError(f"field '{where}.product': must not be empty (EC2's product, e.g. \"Linux/UNIX\")")
+    region = c.region or (tier.wake.region if tier.wake is not None else "us-east-1")
+    if c.availability_zone is None:
+        if tier.wake is None:
+            raise ConfigError(f"field '{where}.availability_zone': spot = true on a tier without "
+                              "[tiers.wake] needs the hosts' zone, like \"us-east-1a\"")
+    elif not c.availability_zone.startswith(region) or len(c.availability_zone) <= len(region):
+        raise ConfigError(f"field '{where}.availability_zone': {c.availability_zone!r} is not a zone of "
+                          f"region {region!r}")
 
 
 def _validate_stores(cfg: Config) -> None:
@@ -313,6 +353,8 @@ def _validate_stores(cfg: Config) -> None:
         raise ConfigError(f"field 'auth.refresh_s': must be > 0, got {cfg.auth.refresh_s}")
     if cfg.usage.retry_s <= 0:
         raise ConfigError(f"field 'usage.retry_s': must be > 0, got {cfg.usage.retry_s}")
+    if cfg.usage.gpu_time_s < 1:
+        raise ConfigError(f"field 'usage.gpu_time_s': must be >= 1, got {cfg.usage.gpu_time_s}")
 
 
 def loads(text: str) -> Config:

@@ -147,6 +147,14 @@ class Metrics:
         self.worker_restarts = Counter(
             "worker_restarts", "Workers the supervisor started to replace one that exited, by slot.",
             ("index",), namespace=ns, registry=reg)
+        # GPU time of tiers with [tiers.cost], as recorded each interval (proxy/usage/gpu_time.py). Every
+        # worker records its tier's whole interval and adds 1/workers of it: the sum over workers is the
+        # tier's once. Several gateway hosts each count the whole tier: take max over hosts, not sum.
+        self.tier_gpu_seconds = Counter("tier_gpu_seconds",
+                                        "Paid GPU host-seconds of the tier (wake time included).",
+                                        ("tier",), namespace=ns, registry=reg)
+        self.tier_cost_usd = Counter("tier_cost_usd", "What the tier's GPU time cost, in USD.", ("tier",),
+                                     namespace=ns, registry=reg)
         self._children: dict[tuple, tuple] = {}
         self._sources: dict[str, _Source] = {}
         self._mirrors: dict[str, tuple[Any, type, tuple]] = {}
@@ -212,6 +220,13 @@ class Metrics:
 
     def worker_restarted(self, index: str) -> None:
         self.worker_restarts.labels(index).inc()
+
+    def gpu_time(self, tier: str, seconds: float, usd: float, share: float = 1.0) -> None:
+        """One recorded interval of a tier: `share` of its host-seconds and cost (1/workers)."""
+        if seconds > 0:
+            self.tier_gpu_seconds.labels(tier).inc(seconds * share)
+        if usd > 0:
+            self.tier_cost_usd.labels(tier).inc(usd * share)
 
     def wake_ready(self, tier: str, duration_s: float) -> None:
         """A tier's wake reached ready `duration_s` after it was requested (the waker calls it)."""

@@ -24,6 +24,7 @@ from proxy.accept.vanished import run_sweeper
 from proxy.config import Config
 from proxy.gateway import Gateway, build_runtime
 from proxy.observe import logs
+from proxy.usage.gpu_time import GpuTimeRecorder
 from proxy.usage.log import open_usage_log
 
 
@@ -59,6 +60,7 @@ async def run_gateway(config: Config, *, gateway: Gateway | None = None, sock=No
                 await services.start(gw.run_waker, waker)  # describes the instances first: restart-safe
             await services.start(functools.partial(run_prober, book, targets, interval_s=up.health_interval_s,
                                                    timeout_s=up.health_timeout_s))
+            services.start_soon(GpuTimeRecorder(gw).run)  # [tiers.cost]: GPU time per minute (usage/gpu_time)
             gw.services = services
             gw.metrics.register_stats_source("tier", gw.waker_statistics, label="tier")
             gw.metrics.register_stats_source("upstream_health", book.statistics, label="upstream")

@@ -27,6 +27,10 @@ Strategy:
   store is up (a burst over ``queue_max``) are imported the same way once the writer is idle.
 * Shutdown is cancellation: the writer catches it in a shielded ``finally`` and writes everything still
   queued (or spills it, if the store is down) before returning. After that, `record` spills directly.
+* GPU time (gpu_time.py) shares all of this: `record_gpu_time` queues a `GpuTimeRow` under its
+  deterministic uid (`gpu_time_uid`) in the same deque, batch and spill file; `record`, the hot path,
+  is untouched. Each store writes both kinds of a batch in one transaction, skipping known uids, so a
+  minute recorded by several workers is one row.
 * The spill file belongs to one process: with several workers each needs its own ``spill_path``
   (`worker_spill_path`); `recover_usage_spills` imports every spill file of the store and is meant for
   the supervisor before workers start. A worker imports only its own file.
@@ -56,14 +60,22 @@ from proxy.usage.sqlite_store import (  # noqa: F401  (re-exported: tools and te
     insert_rows,
     recover_spills,
 )
-from proxy.usage.store import Item, UsageRow, UsageSchemaError, UsageStore, encode_spill
+from proxy.usage.store import (
+    GpuTimeRow,
+    Item,
+    UsageRow,
+    UsageSchemaError,
+    UsageStore,
+    encode_spill,
+    gpu_time_uid,
+)
 
 if TYPE_CHECKING:
     from proxy.config import UsageConfig
 
 log = logging.getLogger(__name__)
 
-__all__ = ["UsageLog", "UsageRow", "UsageSchemaError", "UsageStatistics", "open_usage_log",
+__all__ = ["GpuTimeRow", "UsageLog", "UsageRow", "UsageSchemaError", "UsageStatistics", "open_usage_log",
            "recover_usage_spills", "worker_spill_path"]
 
 PG_SPILL_NAME = "usage.spill"  # PostgreSQL: <spill_dir>/usage.spill[.w<N>].jsonl
@@ -150,6 +162,16 @@ class UsageLog:
             return
         q.append(item)
         if len(q) >= self._need:
+            self._kick.set()
+
+    def record_gpu_time(self, row: GpuTimeRow) -> None:
+        """Queue one GPU-time row under its deterministic uid; like `record`, never blocks or drops."""
+        item = (gpu_time_uid(row), row)
+        if self._closed or len(self._queue) >= self._queue_max:
+            self._spill((item,))
+            return
+        self._queue.append(item)
+        if len(self._queue) >= self._need:
             self._kick.set()
 
     def statistics(self) -> UsageStatistics:

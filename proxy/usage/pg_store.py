@@ -16,13 +16,16 @@ three runs; ``.venv/bin/python -m tests.proxy.usage.bench_pg_batches``):
     one INSERT with 500 VALUES rows ... ON CONFLICT                14,000-15,500 rows/s
 
 Schema is created on first start and versioned in ``spotinference_schema(component, version)``
-(row ``('usage', 1)``); a migration runs in one transaction under ``pg_advisory_xact_lock(LOCK_KEY)``,
+(row ``('usage', 2)``; version 2 added the ``gpu_time`` table, ``CREATE ... IF NOT EXISTS``); a migration
+runs in one transaction under ``pg_advisory_xact_lock(LOCK_KEY)``,
 so several hosts starting at once for the first time wait for each other instead of failing, and a
 database whose usage version is newer than this code is refused (`UsageSchemaError`). Connections
 have a connect timeout and TCP keepalives / user timeout, so a vanished server fails a call within
 seconds instead of hanging the writer. PostgreSQL text cannot hold NUL, which a client's model name
 may: NUL becomes U+FFFD, so no client can make a batch (and its spill file) unwritable. Log lines
-name the server by `redact_url` (no password).
+name the server by `redact_url` (no password). GPU-time items of a batch (a few per minute, store.py
+`split`) go in the same transaction by one ``executemany`` ``INSERT ... ON CONFLICT (uid) DO NOTHING``:
+their uid is deterministic, so the minute several workers or hosts record is inserted once.
 """
 
 from __future__ import annotations
@@ -35,11 +38,20 @@ import msgspec
 import psycopg
 
 from proxy.observe.redact import redact_url, scrub
-from proxy.usage.store import COLUMNS, Item, UsageRow, UsageSchemaError, read_spill, recover_files
+from proxy.usage.store import (
+    COLUMNS,
+    GPU_COLUMNS,
+    Item,
+    UsageRow,
+    UsageSchemaError,
+    read_spill,
+    recover_files,
+    split,
+)
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 COMPONENT = "usage"
 # pg_advisory_xact_lock key of every spotinference schema migration ("spot_sch"): one key for all
 # components sharing `spotinference_schema`, so their first starts serialize too.
@@ -82,6 +94,19 @@ _MIGRATIONS = {
         )""",
         "CREATE INDEX IF NOT EXISTS usage_ts ON usage (ts)",
     ],
+    2: [
+        """CREATE TABLE IF NOT EXISTS gpu_time (
+            id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            ts double precision NOT NULL,
+            tier text NOT NULL,
+            host text NOT NULL,
+            seconds double precision NOT NULL,
+            usd double precision NOT NULL,
+            price_source text NOT NULL,
+            uid text NOT NULL UNIQUE
+        )""",
+        "CREATE INDEX IF NOT EXISTS gpu_time_ts ON gpu_time (ts)",
+    ],
 }
 _COLS = f"{', '.join(COLUMNS)}, uid"
 _TYPES = ["float8", "text", "text", "text", "text", "text", "bool", "int4", "int8", "int8", "int8", "bool",
@@ -93,6 +118,8 @@ _STAGE = (f"CREATE TEMP TABLE IF NOT EXISTS usage_in ON COMMIT DELETE ROWS AS SE
           "WITH NO DATA")
 _COPY = f"COPY usage_in ({_COLS}) FROM STDIN (FORMAT BINARY)"
 _MERGE = f"INSERT INTO usage ({_COLS}) SELECT {_COLS} FROM usage_in ON CONFLICT (uid) DO NOTHING"
+_INSERT_GPU = (f"INSERT INTO gpu_time ({', '.join(GPU_COLUMNS)}, uid) "
+               f"VALUES ({', '.join(['%s'] * (len(GPU_COLUMNS) + 1))}) ON CONFLICT (uid) DO NOTHING")
 
 
 def _text(v):
@@ -139,13 +166,18 @@ def connect(url: str, *, connect_timeout_s: int = CONNECT_TIMEOUT_S) -> psycopg.
 
 def insert(conn: psycopg.Connection, items: Sequence[Item]) -> None:
     """Write ``(uid, row)`` pairs in one transaction; uids already there are skipped. Blocking."""
+    usage, gpu = split(items)
     with conn.transaction(), conn.cursor() as cur:
-        cur.execute(_STAGE)
-        with cur.copy(_COPY) as copy:
-            copy.set_types(_TYPES)
-            for uid, row in items:
-                copy.write_row(_values(uid, row))
-        cur.execute(_MERGE)
+        if usage:
+            cur.execute(_STAGE)
+            with cur.copy(_COPY) as copy:
+                copy.set_types(_TYPES)
+                for uid, row in usage:
+                    copy.write_row(_values(uid, row))
+            cur.execute(_MERGE)
+        if gpu:
+            cur.executemany(_INSERT_GPU,
+                            [(*map(_text, msgspec.structs.astuple(row)), uid) for uid, row in gpu])
 
 
 def import_spill_file(conn: psycopg.Connection, path: str) -> int:

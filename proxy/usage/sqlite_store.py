@@ -4,7 +4,9 @@ Strategy: WAL, ``synchronous=NORMAL`` and ``busy_timeout`` so several workers sh
 write is one ``BEGIN IMMEDIATE`` transaction of ``INSERT OR IGNORE`` on the UNIQUE ``uid``, so a batch
 or a spill file written twice (a crash between commit and unlink) adds nothing. The file (and its -wal
 and -shm) is the owner's alone (0600). Schema is versioned with ``PRAGMA user_version``; `_MIGRATIONS`
-holds one step per version; a database newer than this code is refused rather than written to.
+holds one step per version (2: the ``gpu_time`` table beside ``usage``, the same uid rule); a database
+newer than this code is refused rather than written to. A batch may mix usage and GPU-time items
+(store.py `split`): both go in its one transaction.
 `recover_spills` imports every ``<path>.spill*.jsonl`` and is for the supervisor before workers start.
 """
 
@@ -17,9 +19,18 @@ from collections.abc import Sequence
 
 import msgspec
 
-from proxy.usage.store import COLUMNS, Item, UsageRow, UsageSchemaError, read_spill, recover_files
+from proxy.usage.store import (
+    COLUMNS,
+    GPU_COLUMNS,
+    Item,
+    UsageRow,
+    UsageSchemaError,
+    read_spill,
+    recover_files,
+    split,
+)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _MIGRATIONS = {
     1: [
         """CREATE TABLE IF NOT EXISTS usage (
@@ -45,10 +56,27 @@ _MIGRATIONS = {
         )""",
         "CREATE INDEX IF NOT EXISTS usage_ts ON usage(ts)",
     ],
+    2: [
+        """CREATE TABLE IF NOT EXISTS gpu_time (
+            id INTEGER PRIMARY KEY,
+            ts REAL NOT NULL,
+            tier TEXT NOT NULL,
+            host TEXT NOT NULL,
+            seconds REAL NOT NULL,
+            usd REAL NOT NULL,
+            price_source TEXT NOT NULL,
+            uid TEXT NOT NULL UNIQUE
+        )""",
+        "CREATE INDEX IF NOT EXISTS gpu_time_ts ON gpu_time(ts)",
+    ],
 }
 _INSERT = (
     f"INSERT OR IGNORE INTO usage ({', '.join(COLUMNS)}, uid) "
     f"VALUES ({', '.join('?' * (len(COLUMNS) + 1))})"
+)
+_INSERT_GPU = (
+    f"INSERT OR IGNORE INTO gpu_time ({', '.join(GPU_COLUMNS)}, uid) "
+    f"VALUES ({', '.join('?' * (len(GPU_COLUMNS) + 1))})"
 )
 
 
@@ -115,6 +143,21 @@ def _insert(conn: sqlite3.Connection, values: list[tuple]) -> None:
         raise
 
 
+def _insert_items(conn: sqlite3.Connection, items: Sequence[Item]) -> None:
+    """Usage and GPU-time items in one transaction; uids already there are skipped."""
+    usage, gpu = split(items)
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        if usage:
+            conn.executemany(_INSERT, [_values(row, uid) for uid, row in usage])
+        if gpu:
+            conn.executemany(_INSERT_GPU, [(*msgspec.structs.astuple(row), uid) for uid, row in gpu])
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
 def insert_rows(conn: sqlite3.Connection, rows: list[UsageRow]) -> None:
     """Insert rows (no uids) in one transaction on a connection from `connect`. Blocking (tools, tests)."""
     _insert(conn, [_values(r, None) for r in rows])
@@ -124,7 +167,7 @@ def import_spill_file(conn: sqlite3.Connection, spill_path: str) -> int:
     """Insert the rows of one spill file, then remove it. Returns the rows read. Blocking."""
     n = 0
     for items in read_spill(spill_path):
-        _insert(conn, [_values(row, uid) for uid, row in items])
+        _insert_items(conn, items)
         n += len(items)
     try:
         os.unlink(spill_path)
@@ -163,7 +206,7 @@ class SqliteStore:
 
     def insert(self, items: Sequence[Item]) -> None:
         assert self._conn is not None, "insert before open"
-        _insert(self._conn, [_values(row, uid) for uid, row in items])
+        _insert_items(self._conn, items)
 
     def import_spill(self, path: str) -> int:
         assert self._conn is not None, "import before open"

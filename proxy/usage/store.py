@@ -15,7 +15,12 @@ blocking, always from a worker thread (`trio.to_thread.run_sync`, one call at a 
   password).
 
 The spill file is JSON lines ``{"uid": ..., "row": {...}}``; every row gets its uid when it is recorded,
-so the uid travels with the row from the queue to the database or the spill file and back.
+so the uid travels with the row from the queue to the database or the spill file and back. A second
+kind of item shares the queue, the batches and the spill file: a `GpuTimeRow` (table ``gpu_time``, one
+row per tier, host and recorded interval; proxy/usage/gpu_time.py), spilled as ``{"uid": ..., "gpu":
+{...}}``. Its uid is deterministic (`gpu_time_uid`: tier, host, interval), so the same interval
+recorded by several workers or hosts is inserted once. A store's `insert` writes both kinds of a batch
+in one transaction (`split` separates them).
 """
 
 from __future__ import annotations
@@ -54,8 +59,35 @@ class UsageRow(msgspec.Struct, kw_only=True):
     error_type: str | None = None
 
 
+class GpuTimeRow(msgspec.Struct, kw_only=True):
+    """Paid GPU time of one host of a tier in one recorded interval: ``ts`` is the interval's start (unix
+    time), ``host`` an instance id (or the upstream URL of a tier without a waker)."""
+
+    ts: float
+    tier: str
+    host: str
+    seconds: float
+    usd: float
+    price_source: str
+
+
 COLUMNS: tuple[str, ...] = UsageRow.__struct_fields__
-Item = tuple[str, UsageRow]  # (uid, row)
+GPU_COLUMNS: tuple[str, ...] = GpuTimeRow.__struct_fields__
+Item = tuple[str, UsageRow | GpuTimeRow]  # (uid, row)
+
+
+def gpu_time_uid(row: GpuTimeRow) -> str:
+    """The deterministic uid of a GPU-time row: ``tier|host|interval start (unix seconds)``."""
+    return f"{row.tier}|{row.host}|{int(row.ts)}"
+
+
+def split(items: Sequence[Item]) -> tuple[list[tuple[str, UsageRow]], list[tuple[str, GpuTimeRow]]]:
+    """(usage items, GPU-time items) of a batch, each in order."""
+    usage: list = []
+    gpu: list = []
+    for item in items:
+        (gpu if type(item[1]) is GpuTimeRow else usage).append(item)
+    return usage, gpu
 
 
 class UsageSchemaError(RuntimeError):
@@ -74,9 +106,10 @@ class UsageStore(Protocol):
     def close(self) -> None: ...
 
 
-class _Spill(msgspec.Struct):
+class _Spill(msgspec.Struct, omit_defaults=True):
     uid: str
-    row: UsageRow
+    row: UsageRow | None = None
+    gpu: GpuTimeRow | None = None
 
 
 _encoder = msgspec.json.Encoder()
@@ -85,7 +118,11 @@ _decoder = msgspec.json.Decoder(_Spill)
 
 def encode_spill(items: Sequence[Item]) -> bytes:
     """Spill lines for ``(uid, row)`` pairs, newline-terminated."""
-    return b"".join(_encoder.encode(_Spill(uid=uid, row=row)) + b"\n" for uid, row in items)
+    return b"".join(_encoder.encode(_spill_line(uid, row)) + b"\n" for uid, row in items)
+
+
+def _spill_line(uid: str, row: UsageRow | GpuTimeRow) -> _Spill:
+    return _Spill(uid=uid, gpu=row) if type(row) is GpuTimeRow else _Spill(uid=uid, row=row)
 
 
 def read_spill(path: str, chunk: int = IMPORT_CHUNK) -> Iterator[list[Item]]:
@@ -110,7 +147,11 @@ def _chunks(f: BinaryIO, path: str, chunk: int) -> Iterator[list[Item]]:
         except msgspec.DecodeError:
             log.warning("usage spill %s: line %d is not a usage row; skipped", path, n)
             continue
-        items.append((s.uid, s.row))
+        row = s.row if s.row is not None else s.gpu
+        if row is None:
+            log.warning("usage spill %s: line %d holds no row; skipped", path, n)
+            continue
+        items.append((s.uid, row))
         if len(items) >= chunk:
             yield items
             items = []

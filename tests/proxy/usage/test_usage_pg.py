@@ -119,7 +119,8 @@ async def test_first_start_creates_the_schema_and_its_version_row(pg_url, tmp_pa
             await nursery.start(log.run)
             assert log.statistics().store_up
             nursery.cancel_scope.cancel()
-    assert sql(pg_url, "SELECT component, version FROM spotinference_schema") == [("usage", 1)]
+    assert sql(pg_url, "SELECT component, version FROM spotinference_schema") == [
+        ("usage", pg_store.SCHEMA_VERSION)]
     columns = [c for (c,) in sql(pg_url, "SELECT column_name FROM information_schema.columns "
                                          "WHERE table_name = 'usage' ORDER BY ordinal_position")]
     lite = sqlite3.connect(":memory:")
@@ -149,7 +150,8 @@ def test_concurrent_first_starts_all_succeed(pg_url) -> None:
     for t in threads:
         t.join(60)
     assert errors == [] and not any(t.is_alive() for t in threads)
-    assert sql(pg_url, "SELECT component, version FROM spotinference_schema") == [("usage", 1)]
+    assert sql(pg_url, "SELECT component, version FROM spotinference_schema") == [
+        ("usage", pg_store.SCHEMA_VERSION)]
 
 
 async def test_two_logs_starting_together_share_the_table(pg_url, tmp_path) -> None:
@@ -172,7 +174,7 @@ async def test_two_logs_starting_together_share_the_table(pg_url, tmp_path) -> N
 
 async def test_a_newer_schema_is_refused_and_queued_rows_spill(pg_url, tmp_path) -> None:
     sql(pg_url, "CREATE TABLE spotinference_schema (component text PRIMARY KEY, version integer NOT NULL)")
-    sql(pg_url, "INSERT INTO spotinference_schema VALUES ('usage', 2)")
+    sql(pg_url, "INSERT INTO spotinference_schema VALUES ('usage', %s)", (pg_store.SCHEMA_VERSION + 1,))
     log = pg_log(pg_url, tmp_path)
     log.record(row(1))
     with trio.fail_after(30), pytest.raises(UsageSchemaError, match="newer"):
@@ -180,7 +182,7 @@ async def test_a_newer_schema_is_refused_and_queued_rows_spill(pg_url, tmp_path)
     assert log.statistics().spilled_total == 1
     with pytest.raises(UsageSchemaError):
         recover_usage_spills(UsageConfig(database_url=pg_url, spill_dir=str(tmp_path)))
-    assert os.path.exists(tmp_path / "usage.spill.jsonl")  # kept for a gateway that knows version 2
+    assert os.path.exists(tmp_path / "usage.spill.jsonl")  # kept for a gateway that knows the newer version
 
 
 async def test_a_schema_upgraded_under_a_running_log_stops_writes_not_serving(pg_url, tmp_path) -> None:
@@ -188,8 +190,8 @@ async def test_a_schema_upgraded_under_a_running_log_stops_writes_not_serving(pg
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
             await nursery.start(log.run)
-            # Another host, newer, migrated; our connection is dropped: the reconnect finds version 2.
-            sql(pg_url, "UPDATE spotinference_schema SET version = 2")
+            # Another host, newer, migrated; our connection is dropped: the reconnect finds a newer version.
+            sql(pg_url, "UPDATE spotinference_schema SET version = %s", (pg_store.SCHEMA_VERSION + 1,))
             sql(pg_url, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                         "WHERE application_name = 'spotinference-usage'")
             for i in range(20):
@@ -197,7 +199,8 @@ async def test_a_schema_upgraded_under_a_running_log_stops_writes_not_serving(pg
             await until(lambda: log.statistics().write_errors_total >= 1, "the write to fail")
             await trio.sleep(0.3)  # several refused reconnects
             assert not log.statistics().store_up
-            sql(pg_url, "UPDATE spotinference_schema SET version = 1")  # (rolled back, say)
+            # (rolled back, say)
+            sql(pg_url, "UPDATE spotinference_schema SET version = %s", (pg_store.SCHEMA_VERSION,))
             await until(lambda: log.statistics().store_up, "the reconnect")
             await log.wait_flushed()
             await until(lambda: log.statistics().imported_total + log.statistics().written_total == 20,
