@@ -69,6 +69,7 @@ class Gateway:
         self.limiter, self.limit_divisor = open_limiter(self.workers, time.monotonic)
         self.cluster = None  # cluster/link.ClusterLink with [cluster] redis_url: limits, leases, homes shared
         self.prefixes = None  # routing/redis_prefixes.SharedPrefixes with [cluster]: prefix homes shared
+        self.gpu_time = None  # usage/gpu_time.GpuTimeRecorder, set when it runs ([tiers.cost])
         if runtime.config.cluster.redis_url:
             self._join_cluster(runtime.config.cluster)
         self.usage = None  # UsageLog, started by run_gateway when [usage] path or database_url is set

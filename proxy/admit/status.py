@@ -46,7 +46,11 @@ local); anyone else gets 403. `/status` itself needs no key.
   - `last_wakes`: the last few finished wakes, newest first: `finished_at` (ISO 8601 UTC, null when
     unknown), `total_s` (requested -> ready), `budget_s`, `hard_cap_s`, `over_budget`, `phases` (each
     `name`, `at_s` seconds since requested, `took_s` since the milestone before);
-  - `cost`: null -- filled by `[tiers.cost]`.
+  - `cost` (null without `[tiers.cost]`): what the tier's GPU time has cost since this process began
+    recording (usage/gpu_time.py: running time x the price, wake time included): `gpu_seconds`, `usd`,
+    `since` (unix time), `hosts_up` and `usd_per_hour` now, `price_sources`, this process's `tokens`
+    on the tier and `usd_per_mtok`, and `idle` -- hosts up with no request for 5 minutes: cost without
+    tokens, which is what the tier's `idle_s` tunes.
 - `traffic` (only billed requests -- the usage log's rows -- count):
   - `source`: `usage_store` (the usage table: every worker and host) or `this_process`;
   - `minutes`: the last 15 minutes, oldest first, the current one last: `start` (unix time),
@@ -71,7 +75,6 @@ import os
 import re
 import socket
 import time
-from typing import Any
 
 import msgspec
 import trio
@@ -123,6 +126,23 @@ class WakeRecord(msgspec.Struct):
     phases: list[PhaseTime]
 
 
+IDLE_S = 300.0  # a tier awake this long without a request is "paying for idle GPUs"
+
+
+class TierCost(msgspec.Struct):
+    """What a tier's GPU time has cost since this process started (usage/gpu_time.py)."""
+
+    gpu_seconds: float  # paid host-seconds, wake time included
+    usd: float
+    since: float  # unix time the recording began
+    hosts_up: int  # hosts paid for right now
+    usd_per_hour: float  # what they cost per hour now
+    price_sources: list[str]  # "fixed", "spot:<zone>", ...
+    tokens: int  # this process's tokens on the tier in the same time
+    usd_per_mtok: float | None  # usd / tokens x 1e6 (None without tokens)
+    idle: bool  # hosts up and no request for IDLE_S: cost without tokens (tune the tier's idle_s)
+
+
 class TierStatus(msgspec.Struct):
     name: str
     models: list[str]
@@ -136,7 +156,7 @@ class TierStatus(msgspec.Struct):
     hard_cap_s: float | None
     upstreams: list[UpstreamStatus]
     last_wakes: list[WakeRecord]
-    cost: dict[str, Any] | None = None  # filled by [tiers.cost]
+    cost: TierCost | None = None  # with [tiers.cost]
 
 
 class Status(msgspec.Struct):
@@ -323,6 +343,20 @@ def _tier(tier, now: float) -> TierStatus:
                       last_wakes=_last_wakes(view, stats, budget_s, hard_cap_s))
 
 
+def _cost(gw, tier: str, wall: float) -> TierCost | None:
+    recorder = getattr(gw, "gpu_time", None)
+    view = None if recorder is None else recorder.cost_view(tier)
+    if view is None:
+        return None
+    tokens, last = gw.recent.tiers.get(tier, (0, 0.0))
+    tokens = int(tokens)
+    return TierCost(gpu_seconds=round(view["gpu_seconds"], 1), usd=round(view["usd"], 6), since=view["since"],
+                    hosts_up=view["hosts_up"], usd_per_hour=round(view["usd_per_hour"], 6),
+                    price_sources=list(view["price_sources"]), tokens=tokens,
+                    usd_per_mtok=round(view["usd"] / tokens * 1e6, 4) if tokens else None,
+                    idle=view["hosts_up"] > 0 and wall - max(last, view["since"]) >= IDLE_S)
+
+
 async def build(gw) -> Status:
     """The whole document (reads the usage store, cached, when one is configured)."""
     recent = gw.recent
@@ -333,6 +367,8 @@ async def build(gw) -> Status:
             traffic = msgspec.structs.replace(traffic, store_error=error)
     now = trio.current_time()
     tiers = [_tier(t, now) for t in gw.runtime.router.tiers.values()]
+    for t in tiers:
+        t.cost = _cost(gw, t.name, time.time())
     info = GatewayInfo(version=_version(), workers=gw.workers,
                        uptime_s=round(time.monotonic() - recent.started_mono, 1),
                        node=gw.cluster.node if gw.cluster is not None else socket.gethostname(),

@@ -100,6 +100,7 @@ class RecentTraffic:
         self._ring = [_Bucket() for _ in range(RING)]
         self._day = -1
         self._keys: dict[str | None, list[int]] = {}  # name -> [requests, tokens], today
+        self.tiers: dict[str, list[float]] = {}  # configured tier -> [tokens since start, last request ts]
         self.store = StoreTraffic()
 
     def record(self, ex) -> None:
@@ -128,6 +129,14 @@ class RecentTraffic:
                 return  # arrived yesterday, finished today: yesterday's totals are gone
             self._day = day
             self._keys = {}
+        tokens = settlement(ex)[0] or 0
+        tier = getattr(ex, "tier", None)
+        if tier is not None:  # only configured tier names are set on the record
+            t = self.tiers.get(tier)
+            if t is None:
+                t = self.tiers[tier] = [0, 0.0]
+            t[0] += tokens
+            t[1] = max(t[1], ts)
         name = ex.key.name if ex.key is not None else None
         row = self._keys.get(name)
         if row is None:
@@ -137,7 +146,7 @@ class RecentTraffic:
             if row is None:
                 row = self._keys[name] = [0, 0]
         row[0] += 1
-        row[1] += settlement(ex)[0] or 0
+        row[1] += tokens
 
     def snapshot(self, now: float | None = None) -> Traffic:
         now = time.time() if now is None else now

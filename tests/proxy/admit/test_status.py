@@ -368,3 +368,31 @@ async def test_an_upstream_password_is_never_shown():
     st, _, body = await get(gw)
     assert st == 200 and b"hunter2pw" not in body and b"sk-up" not in body
     assert decoded(body).tiers[0].upstreams[0].url == "http://vllm:***@127.0.0.1:9"
+
+
+async def test_a_costed_tier_shows_its_cost_per_token_and_an_idle_one_says_so(keyring, monkeypatch):
+    from ops.pricing import CostConfig
+
+    path, secrets = keyring
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            _, url = await start_sim(nursery)
+            _, idle_url = await start_sim(nursery)
+            tiers = [TierConfig(name="local", upstreams=[url], models=["sim-chat"], cost=CostConfig(hourly_usd=36.0)),
+                     TierConfig(name="spare", upstreams=[idle_url], models=["other"], cost=CostConfig(hourly_usd=3.6))]
+            h = await start_gateway(nursery, make_config([], tiers=tiers, keys_file=path))
+            auth = b"Authorization: Bearer " + secrets["user"].encode() + b"\r\n"
+            assert split_response(await one_response(h.port, post(CHAT, extra=auth)))[0] == 200
+            await trio.sleep(1.1)  # GPU time accrues: 36 USD/h is 1 cent a second
+            monkeypatch.setattr(status, "IDLE_S", 0.5)  # "no request for a while", shortened
+            admin = b"Authorization: Bearer " + secrets["admin"].encode() + b"\r\n"
+            ask = b"GET /status.json HTTP/1.1\r\nHost: x\r\n" + admin + b"Connection: close\r\n\r\n"
+            st, _, body = split_response(await one_response(h.port, ask))
+            nursery.cancel_scope.cancel()
+    assert st == 200
+    local, spare = decoded(body).tiers
+    assert local.cost is not None and spare.cost is not None
+    assert local.cost.hosts_up == 1 and local.cost.usd_per_hour == 36.0 and local.cost.price_sources == ["fixed"]
+    assert local.cost.usd >= 0.01 and local.cost.tokens > 0
+    assert local.cost.usd_per_mtok == pytest.approx(local.cost.usd / local.cost.tokens * 1e6, rel=1e-3)
+    assert (spare.cost.tokens, spare.cost.usd_per_mtok, spare.cost.idle) == (0, None, True)  # cost, no tokens
