@@ -13,6 +13,7 @@ import sys
 _SUBCOMMANDS = {
     "overhead": ("loadtest.overhead", "added latency vs direct and nginx, CPU per request, scale checks"),
     "throughput": ("loadtest.throughput", "decode tokens/s, TTFT and ITL of a fleet under canned streaming traffic"),
+    "routing": ("loadtest.routing", "routing policies (and vllm-router) on a multi-turn agent workload"),
 }
 
 
