@@ -222,11 +222,13 @@ class Metrics:
         self.worker_restarts.labels(index).inc()
 
     def gpu_time(self, tier: str, seconds: float, usd: float, share: float = 1.0) -> None:
-        """One recorded interval of a tier: `share` of its host-seconds and cost (1/workers)."""
+        """One recorded interval of a tier: `share` of its host-seconds and cost (1/workers). Zeros create the
+        tier's series, so dashboards and alerts see them before the first interval ends."""
+        gpu, usd_total = self.tier_gpu_seconds.labels(tier), self.tier_cost_usd.labels(tier)
         if seconds > 0:
-            self.tier_gpu_seconds.labels(tier).inc(seconds * share)
+            gpu.inc(seconds * share)
         if usd > 0:
-            self.tier_cost_usd.labels(tier).inc(usd * share)
+            usd_total.inc(usd * share)
 
     def wake_ready(self, tier: str, duration_s: float) -> None:
         """A tier's wake reached ready `duration_s` after it was requested (the waker calls it)."""

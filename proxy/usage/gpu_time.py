@@ -171,6 +171,8 @@ class GpuTimeRecorder:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Record every interval until cancelled (the partial interval at the end is not recorded)."""
         self._gw.gpu_time = self  # read-only handle for other code: `gw.gpu_time.tier_cost(tier)`
+        for name, _meter, _pricing in self._sources():
+            self._gw.metrics.gpu_time(name, 0.0, 0.0)  # the series exist (at 0) from the start
         self.observe()
         self.since = self._clock()
         self.next_start = self._floor(self.since)

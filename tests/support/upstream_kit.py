@@ -243,6 +243,11 @@ class FakeWaker(Reporter):
             self.urls = list(urls)
         self._ready.set()
 
+    progress: tuple[str, float, float] | None = None  # what wake_progress() says (None: no wake under way)
+
+    def wake_progress(self):
+        return self.progress
+
     def check_room(self) -> None:
         if self.queue_full is not None and not self.is_ready():
             raise WakeQueueFull(self.queue_full)

@@ -198,3 +198,12 @@ async def test_a_stream_whose_wait_fails_after_the_head_gets_a_plain_api_error(w
     assert (caught.value.status, caught.value.code) == (503, "overloaded")
     assert ex.early_head  # forward.py turns it into an in-band error event
     ds.sock.close()
+
+
+async def test_each_heartbeat_says_where_the_wake_is(nursery, wake_clock):
+    gw, tier, ds, peer, ex = setup()
+    tier.waker.progress = ("booting", 41.4, 95.6)  # what the waker's history says now
+    nursery.start_soon(at(8, tier.waker.become_ready))
+    assert await wait_for_tier(gw, ds, ex, tier, stream=True, extra_headers=[LIMIT]) is tier
+    comment = b": waking phase=booting elapsed_s=41 eta_s=96\n\n"
+    assert await received(ds, peer) == HEAD + b"%x\r\n%s\r\n" % (len(comment), comment)
