@@ -9,6 +9,9 @@ prints one timeline on one clock (trio's), from four independent witnesses: the 
 first byte), the wire (StartInstances, StopInstances), the fleet (EC2 running, vLLM listening) and the
 waker's own record (healthy; its times are relative to the request reaching it, anchored here on
 "request in", within a millisecond). Credentials are fake and forced, so no real AWS account is touched.
+Then the cost: the tier is priced from EC2's spot price history (moto's), two keys share it, and the
+demo ends with the `spotinference usage --cost` table of its usage log (GPU time recorded each second
+here, each minute by default): what the wake, the answers and the idle tail cost, per key.
 """
 
 from __future__ import annotations
@@ -64,20 +67,28 @@ def main(argv: list[str]) -> int:
         emulator.start()
         try:
             host, port = emulator.get_host_and_port()
-            return trio.run(_demo, args, f"http://{host}:{port}")
+            code = trio.run(_demo, args, f"http://{host}:{port}", workdir)
         finally:
             emulator.stop()
+        if code == 0:
+            from proxy.commands import usage
+
+            print("\n  spotinference usage --cost   (GPU time x EC2's spot price, shared by tokens)")
+            usage.main(["--db", os.path.join(workdir, "usage.sqlite3"), "--cost"])
+        return code
 
 
-async def _demo(args: argparse.Namespace, aws_url: str) -> int:
+async def _demo(args: argparse.Namespace, aws_url: str, workdir: str) -> int:
     import httpx
     import msgspec
 
     from backends.fleet import ApiTap, FleetSimulator
     from backends.sim.server import SimOptions
     from ops.ec2 import Clients, Ec2
+    from ops.pricing import CostConfig
     from ops.settings import WakeConfig
-    from proxy.config import Config, ServerConfig, TierConfig, validate
+    from proxy.admit import keys
+    from proxy.config import AuthConfig, Config, ServerConfig, TierConfig, UsageConfig, validate
     from proxy.gateway import Gateway, build_runtime
     from proxy.process.services import run_gateway
 
@@ -104,8 +115,13 @@ async def _demo(args: argparse.Namespace, aws_url: str) -> int:
             wake = WakeConfig(region="us-east-1", endpoint_url=f"http://{tap_host}:{tap_port}", instance_ids=[iid],
                               budget_s=args.budget_s, hard_cap_s=args.hard_cap_s, idle_s=args.idle_s,
                               poll_s=0.1, probe_timeout_s=1.0, upstream_tag=TAG)
-            config = validate(Config(server=ServerConfig(listen="127.0.0.1:0", workers=1),
-                                     tiers=[TierConfig(name=TIER, upstreams=[upstream], models=[MODEL], wake=wake)]))
+            keys_file = os.path.join(workdir, "keys.toml")
+            secrets = {name: keys.add(keys_file, name) for name in ("alice", "bob")}
+            cost = CostConfig(spot=True, instance_type="g5.12xlarge")
+            config = validate(Config(
+                server=ServerConfig(listen="127.0.0.1:0", workers=1), auth=AuthConfig(keys_file=keys_file),
+                usage=UsageConfig(path=os.path.join(workdir, "usage.sqlite3"), flush_s=0.1, gpu_time_s=1),
+                tiers=[TierConfig(name=TIER, upstreams=[upstream], models=[MODEL], wake=wake, cost=cost)]))
             gateway = Gateway(build_runtime(config))
             gw_host, gw_port = await nursery.start(lambda task_status: run_gateway(
                 config, gateway=gateway, task_status=task_status))
@@ -116,9 +132,13 @@ async def _demo(args: argparse.Namespace, aws_url: str) -> int:
                     "max_tokens": 12}
             async with httpx.AsyncClient(timeout=args.hard_cap_s + 5, trust_env=False) as http:
                 t0 = trio.current_time()
-                async with http.stream("POST", f"{base}/v1/chat/completions", json=body) as resp:
+                async with http.stream("POST", f"{base}/v1/chat/completions", json=body,
+                                       headers={"authorization": f"Bearer {secrets['alice']}"}) as resp:
                     t_first = trio.current_time()
                     payload = await resp.aread()
+                for name, max_tokens in (("bob", 24), ("alice", 12)):  # the tier is awake: no wait
+                    await http.post(f"{base}/v1/chat/completions", json={**body, "max_tokens": max_tokens},
+                                    headers={"authorization": f"Bearer {secrets[name]}"})
             waker = gateway.runtime.router.tiers[TIER].waker
             print(f"  HTTP {resp.status_code}, x-spotinference-wake-ms: {resp.headers.get('x-spotinference-wake-ms')}")
             if resp.status_code == 200:
@@ -129,6 +149,7 @@ async def _demo(args: argparse.Namespace, aws_url: str) -> int:
                 await trio.sleep(0.1)
             stats = waker.statistics()
             _print_timeline(t0, t_first, resp.status_code, tap, fleet, stats, args)
+            await trio.sleep(1.5)  # the GPU time of the last second is recorded
             nursery.cancel_scope.cancel()
     return 0 if resp.status_code == 200 else 1
 

@@ -293,7 +293,7 @@ def _print_table(rows: list[dict[str, Any]], by: str, since: str | None, out,
         extra = [fmt_usd(cost["usd"]), ""] if cost is not None else []
         table.add_row("total", str(t["requests"]), str(t["errors"]), str(t["prompt_tokens"]),
                       str(t["completion_tokens"]), "", "", *extra)
-    console = Console(file=out, soft_wrap=True)
+    console = Console(file=out, soft_wrap=True, width=None if getattr(out, "isatty", lambda: False)() else 160)
     console.print(table)
     if cost is not None:
         for line in cost_footer(cost):

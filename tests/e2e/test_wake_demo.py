@@ -21,6 +21,10 @@ def test_demo_prints_a_wake_timeline() -> None:
     times = [float(t) for t, _ in events]
     assert times == sorted(times) and times[3] - times[2] >= 0.4  # the boot delay
     assert "wakes_total=1" in out and "stops_total=1" in out
+    # ... then what it cost: the spot price (moto's) x the GPU time, shared by the two keys' tokens
+    cost = out[out.index("spotinference usage --cost"):]
+    assert re.search(r"alice\s.*\s2\s", cost) and re.search(r"bob\s.*\s1\s", cost), cost
+    assert "cost: tier gpu:" in cost and "GPU host-hours" in cost
 
 
 def test_demo_rejects_bad_arguments() -> None:
