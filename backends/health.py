@@ -99,8 +99,9 @@ class UpstreamHealth:
         self.tokens: float | None = None  # generation tokens at the last sample that ran something
         self.frozen_since: float | None = None  # since when `tokens` has not moved with requests running
         self.inflight: set[Watch] = set()
-        # vLLM's own load at the last /metrics reading: (running + waiting, KV usage or None, when read)
-        self.load: tuple[float, float | None, float] | None = None
+        # vLLM's own load at the last /metrics reading: (running + waiting, KV usage or None, when read,
+        # this gateway's requests in flight there then -- so the rest are other gateways')
+        self.load: tuple[float, float | None, float, int] | None = None
         self.down_total = 0
         self.stalled_total = 0
 
@@ -130,8 +131,8 @@ class UpstreamHealth:
             self.tokens = self.frozen_since = None  # back from an outage: the stall clock starts afresh
         self.failures = 0
         self.silent = False
-        if progress is not None:
-            self.load = (progress.running + progress.waiting, progress.kv_usage, now)
+        if progress is not None:  # and this gateway's own requests there as it read them
+            self.load = (progress.running + progress.waiting, progress.kv_usage, now, len(self.inflight))
         stalled = False
         if progress is None or progress.running <= 0:
             self.tokens = None if progress is None else progress.tokens

@@ -8,10 +8,10 @@ ORDER in which to try the candidates, so the before-first-byte retry (upstream/o
 next choice. The candidates are already the routable ones (down, draining and stalled hosts are
 filtered out by the tier: routing/tiers.py).
 
-- Load of a host: this gateway's requests in flight there (its health record's watches), or, when vLLM's
-  own /metrics reading is fresh (`FRESH_S`), the larger of that and vLLM's running + waiting -- so
-  several workers and hosts, which all read the same counters, agree -- plus its KV-cache fill (0..1)
-  as a tie-breaker.
+- Load of a host: this gateway's requests in flight there (its health record's watches, exact), plus,
+  while vLLM's own /metrics reading is fresh (`FRESH_S`), the requests it counted then that were not
+  ours (running + waiting less our in-flight at the reading: other workers' and hosts', which all read
+  the same counters), plus its KV-cache fill (0..1) as a tie-breaker.
 - least_loaded: the lowest load first; among equals, two picked at random and the one with fewer of
   this gateway's requests wins (power of two choices), so equal hosts share new work without herding.
 - prefix: the request's leading prompt blocks (`blocks`: chained hashes, block i covers everything up to
@@ -42,15 +42,18 @@ MAX_BLOCKS = 65536  # block -> host entries kept per tier (LRU)
 class Load(NamedTuple):
     """One candidate's load as this gateway knows it."""
 
-    in_flight: int  # this gateway's requests there now
-    vllm: float | None = None  # vLLM's running + waiting at its last /metrics reading
+    in_flight: int  # this gateway's requests there now (exact)
+    others: float | None = None  # vLLM's running + waiting at its last /metrics reading, less ours then
     kv_usage: float | None = None  # vLLM's KV-cache fill then, 0..1
     read_at: float | None = None  # when that reading was taken (the policy's clock)
 
 
 def load_of(load: Load, now: float) -> float:
-    if load.read_at is not None and load.vllm is not None and now - load.read_at <= FRESH_S:
-        return max(float(load.in_flight), load.vllm) + (load.kv_usage or 0.0)
+    """Our requests there now, plus -- while vLLM's reading is fresh -- the others it counted then (other
+    workers' and hosts'), plus its KV fill as a tie-breaker. Our own count is never replaced by a
+    reading up to seconds old: a host that just finished a burst must not look busy."""
+    if load.read_at is not None and load.others is not None and now - load.read_at <= FRESH_S:
+        return load.in_flight + load.others + (load.kv_usage or 0.0)
     return float(load.in_flight)
 
 

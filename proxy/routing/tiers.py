@@ -107,7 +107,8 @@ class Tier:
             elif rec.load is None:
                 out.append(Load(len(rec.inflight)))
             else:
-                out.append(Load(len(rec.inflight), *rec.load))
+                vllm, kv, at, ours_then = rec.load
+                out.append(Load(len(rec.inflight), max(0.0, vllm - ours_then), kv, at))
         return out
 
     def served(self, blocks: tuple[int, ...], url: str) -> None:

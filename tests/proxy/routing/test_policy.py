@@ -77,20 +77,20 @@ def test_least_loaded_ignores_prefixes_and_orders_by_load():
     assert choose(s, URLS, [Load(2), Load(0), Load(1)], (1,), 0.0) == [1, 2, 0]
 
 
-def test_vllms_own_count_is_believed_only_while_fresh():
-    busy_elsewhere = Load(0, vllm=6.0, kv_usage=0.5, read_at=100.0)  # other gateways' requests
+def test_other_gateways_requests_count_only_while_vllms_reading_is_fresh():
+    busy_elsewhere = Load(0, others=6.0, kv_usage=0.5, read_at=100.0)  # other gateways' requests
     assert load_of(busy_elsewhere, 100.0 + FRESH_S) == 6.5
     assert load_of(busy_elsewhere, 100.0 + FRESH_S + 0.1) == 0.0  # stale: our own count only
-    assert load_of(Load(3, vllm=1.0, read_at=0.0), 1.0) == 3.0  # ours not yet in its reading
+    assert load_of(Load(3, others=1.0, read_at=0.0), 1.0) == 4.0  # ours now, plus the others then
     s = state("least_loaded")
-    loads = [Load(1), Load(0, vllm=6.0, read_at=10.0), Load(2)]
+    loads = [Load(1), Load(0, others=6.0, read_at=10.0), Load(2)]
     assert choose(s, URLS, loads, (), 11.0) == [0, 2, 1]
     assert choose(s, URLS, loads, (), 10.0 + FRESH_S + 1)[0] == 1
 
 
 def test_the_kv_cache_fill_breaks_an_even_load():
     s = state("least_loaded")
-    loads = [Load(1, vllm=1.0, kv_usage=0.9, read_at=0.0), Load(1, vllm=1.0, kv_usage=0.2, read_at=0.0)]
+    loads = [Load(1, others=1.0, kv_usage=0.9, read_at=0.0), Load(1, others=1.0, kv_usage=0.2, read_at=0.0)]
     assert choose(s, URLS[:2], loads, (), 1.0)[0] == 1
 
 
@@ -113,7 +113,7 @@ def test_choose_costs_microseconds(policy, capsys):
     """Not a speed assertion (the bench reports speed): prints the cost, checks it is sane."""
     s = state(policy)
     urls = [f"http://h{i}:8000" for i in range(4)]
-    loads = [Load(i % 3, vllm=float(i), kv_usage=0.1, read_at=0.0) for i in range(4)]
+    loads = [Load(i % 3, others=float(i), kv_usage=0.1, read_at=0.0) for i in range(4)]
     blocks = tuple(range(8))
     n = 20000
     t0 = time.perf_counter()

@@ -82,7 +82,10 @@ async def test_least_loaded_goes_by_the_health_records_in_flight_and_vllms_count
     book.record(A).inflight.update({object(), object()})  # two of ours on A
     book.record(B).succeeded(trio.current_time(), Progress(running=5, tokens=10.0, waiting=2))  # vLLM: 7
     order = tier.candidates()
-    assert order == [PC, PA, PB]  # C idle, A has 2, B has 7 by its own count
+    assert order == [PC, PA, PB]  # C idle, A has 2 of ours, B has 7 of others' by vLLM's count
+    book.record(C).inflight.add(object())
+    book.record(C).succeeded(trio.current_time(), Progress(running=1, tokens=10.0))  # vLLM sees only ours
+    assert tier.candidates() == [PC, PA, PB]  # C: 1 (ours; vLLM's 1 is the same one), A: 2, B: 7
 
 
 def test_auth_header_comes_from_upstream_api_key():
