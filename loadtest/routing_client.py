@@ -25,6 +25,7 @@ import httpx
 import trio
 
 from loadtest.routing_workload import Conversation, request_body
+from loadtest.throughput import error_message
 
 SKIPPED = "not sent: an earlier turn of its conversation failed"
 CANCELLED = "not finished before the run's deadline"
@@ -50,15 +51,6 @@ class Sample:
         return self.done - self.sent
 
 
-def _error_message(status: int, raw: bytes) -> str:
-    try:
-        err = json.loads(raw).get("error", {})
-        msg = err.get("message") if isinstance(err, dict) else str(err)
-    except (ValueError, AttributeError):
-        msg = None
-    return f"HTTP {status}: {(msg or raw[:200].decode('utf-8', 'replace'))[:200]}"
-
-
 async def one_turn(client: httpx.AsyncClient, url: str, body: dict[str, Any], s: Sample) -> str:
     """Stream one chat completion into `s`; return the answer's text ("" on error, with s.error set)."""
     parts: list[str] = []
@@ -67,7 +59,7 @@ async def one_turn(client: httpx.AsyncClient, url: str, body: dict[str, Any], s:
     try:
         async with client.stream("POST", url + "/v1/chat/completions", json=body) as resp:
             if resp.status_code != 200:
-                s.error = _error_message(resp.status_code, await resp.aread())
+                s.error = error_message(resp.status_code, await resp.aread())
                 return ""
             async for line in resp.aiter_lines():
                 if not line.startswith("data:"):

@@ -111,13 +111,14 @@ def _body(cfg: BenchConfig, i: int) -> dict[str, Any]:
     return body
 
 
-def _error_message(status: int, raw: bytes) -> str:
+def error_message(status: int, raw: bytes) -> str:
+    """`HTTP <status>: <the envelope's message, or the body's start>` (both cut to 200 characters)."""
     try:
         err = json.loads(raw).get("error", {})
         msg = err.get("message") if isinstance(err, dict) else str(err)
     except (ValueError, AttributeError):
         msg = None
-    return f"HTTP {status}: {msg or raw[:200].decode('utf-8', 'replace')}"
+    return f"HTTP {status}: {(msg or raw[:200].decode('utf-8', 'replace'))[:200]}"
 
 
 async def _one(client: httpx.AsyncClient, cfg: BenchConfig, i: int) -> Stream:
@@ -125,7 +126,7 @@ async def _one(client: httpx.AsyncClient, cfg: BenchConfig, i: int) -> Stream:
     try:
         async with client.stream("POST", cfg.url + "/chat/completions", json=_body(cfg, i)) as resp:
             if resp.status_code != 200:
-                s.error = _error_message(resp.status_code, await resp.aread())
+                s.error = error_message(resp.status_code, await resp.aread())
                 return s
             async for line in resp.aiter_lines():
                 now = time.perf_counter()
