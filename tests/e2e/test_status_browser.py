@@ -118,6 +118,7 @@ def wake_config(c: Cloud, path: Path) -> Path:
     lines = ["[server]", 'listen = "127.0.0.1:0"', "drain_s = 2.0", "[[tiers]]", 'name = "gpu"',
              f"upstreams = {json.dumps(c.upstreams)}", f"models = {json.dumps(MODELS)}", "[tiers.wake]"]
     lines += [f"{k} = {json.dumps(v)}" for k, v in settings.items()]
+    lines += ["[tiers.cost]", "hourly_usd = 36.0", "[usage]", "gpu_time_s = 1"]  # the page shows the cost
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -153,6 +154,7 @@ async def test_status_page_shows_a_wake_under_way_then_its_timeline(aws_url, tmp
             ready = await trio.to_thread.run_sync(chromium, tmp_path, f"{gw.url}/status")
             assert 'class="badge s-ready"' in ready and 'class="badge v-healthy"' in ready
             assert ">Last wakes<" in ready and 'class="wake"' in ready and "budget 20 s" in ready
+            assert 'class="cost"' in ready and "$36.00/h now" in ready and "per million tokens" in ready
             shot = tmp_path / "status-wake.png"
             await trio.to_thread.run_sync(lambda: chromium(tmp_path, f"{gw.url}/status", screenshot=shot))
             shutil.copyfile(shot, SCREENSHOT_COPY.with_name("status-screenshot-wake.png"))
