@@ -82,12 +82,14 @@ async def forward_inference(gw, ds: Downstream, ex: Exchange, request, key, rest
     check_declared(request, limit)
     body = await ds.read_body(limit, request)
     view = DECODERS[target_path(request.target)](body)
-    pin = None
+    pin = fetch = None
     if view.api == "responses" and view.previous_response_id is not None:
-        home = await gw.homes.lookup(view.previous_response_id)
+        home = gw.homes.home(view.previous_response_id)  # this host's map: no round trip
         if home is not None:
             pin = Pin(home[1], strict=False)
-    await _admit_and_forward(gw, ds, ex, request, key, view, body, pin)
+        else:
+            fetch = view.previous_response_id  # the cluster's map, if any: with the charge, below
+    await _admit_and_forward(gw, ds, ex, request, key, view, body, pin, fetch)
 
 
 async def forward_audio(gw, ds: Downstream, ex: Exchange, request, key, rest: bytes) -> None:
@@ -114,7 +116,9 @@ async def forward_audio(gw, ds: Downstream, ex: Exchange, request, key, rest: by
     await _admit_and_forward(gw, ds, ex, request, key, AudioView(model, stream in ("true", "1")), body, None)
 
 
-async def _admit_and_forward(gw, ds, ex, request, key, view, body: bytes, pin) -> None:
+async def _admit_and_forward(gw, ds, ex, request, key, view, body: bytes, pin, fetch: str | None = None) -> None:
+    """`fetch`: a continuation's `previous_response_id` this host does not know; with `[cluster]` its
+    home is fetched from Redis in the same round trip as the key's limits (one round trip, not two)."""
     ex.model = model_label(view.model)
     ex.stream = view.stream
     tier = gw.runtime.router.tier_for(view.model)
@@ -123,7 +127,14 @@ async def _admit_and_forward(gw, ds, ex, request, key, view, body: bytes, pin) -
     ex.tier = tier.name
     if key is not None and not key.allows_tier(tier.name):
         raise errors.permission_denied(f"This API key may not use tier '{tier.name}' (model '{ex.model}').")
-    limit_headers = await charge(gw, ex, key, view, len(body))
+    command = getattr(gw.homes, "fetch_command", None) if fetch is not None else None
+    also = () if command is None or (cmd := command(fetch)) is None else (cmd,)
+    replies: list = []
+    limit_headers = await charge(gw, ex, key, view, len(body), also=also, replies=replies)
+    if also:
+        home = gw.homes.from_reply(fetch, replies[0]) if replies else await gw.homes.lookup(fetch)
+        if home is not None:
+            pin = Pin(home[1], strict=False)
     body, tap = choose_tap(view, body)
     await forward_to_tier(gw, ds, ex, tier, request, body, limit_headers, tap, pin=pin)
 

@@ -19,10 +19,13 @@ from proxy.exchange import Exchange
 from proxy.usage.taps import settlement
 
 
-async def charge(gw, ex: Exchange, key, view, body_len: int) -> tuple[tuple[bytes, bytes], ...]:
+async def charge(gw, ex: Exchange, key, view, body_len: int, *, also: tuple = (),
+                 replies: list | None = None) -> tuple[tuple[bytes, bytes], ...]:
     """Admit the request against `key`'s rpm/tpm; returns the x-ratelimit headers for the response.
     Raises ApiError 429 when the key is over its limits (503 when the cluster's limits cannot be
-    checked and `on_redis_failure` is "closed"). Records the tokens charged on `ex`."""
+    checked and `on_redis_failure` is "closed"). Records the tokens charged on `ex`. `also`: Redis
+    commands the request needs anyway, pipelined with the cluster limiter's round trip (their replies
+    in `replies`; none when no round trip was made)."""
     if key is None or (key.rpm is None and key.tpm is None):
         return ()
     estimate = view.estimate_prompt_tokens(body_len) + (view.output_limit() or 0)
@@ -31,7 +34,7 @@ async def charge(gw, ex: Exchange, key, view, body_len: int) -> tuple[tuple[byte
     tpm = None if key.tpm is None else key.tpm / w
     limiter = gw.limiter
     if limiter.remote:  # the cluster's buckets in Redis (limits/redis_buckets.py): one round trip
-        adm = await limiter.admit(key.name, rpm, tpm, estimate)
+        adm = await limiter.admit(key.name, rpm, tpm, estimate, also=also, replies=replies)
     else:
         adm = limiter.admit(key.name, rpm, tpm, estimate)
     if not adm.allowed:

@@ -138,16 +138,27 @@ class RedisRateLimiter:
         self._pending: deque[tuple] = deque()  # settle / forget commands waiting for `run`
         self._kick = trio.Event()
 
-    async def admit(self, key_name: str, rpm: float | None, tpm: float | None,
-                    tokens_estimate: int) -> Admission:
+    async def admit(self, key_name: str, rpm: float | None, tpm: float | None, tokens_estimate: int, *,
+                    also: tuple = (), replies: list | None = None) -> Admission:
+        """`also`: other commands the request needs from Redis, sent in the same round trip; their
+        replies are appended to `replies` (nothing is appended when Redis was not asked)."""
         if rpm is None and tpm is None:
             return UNLIMITED
         link = self.link
         if link.up:
+            args = ["" if rpm is None else repr(float(rpm)), "" if tpm is None else repr(float(tpm)),
+                    tokens_estimate]
             try:
-                reply = await link.client.eval(ADMIT, [PREFIX + key_name],
-                                               ["" if rpm is None else repr(float(rpm)),
-                                                "" if tpm is None else repr(float(tpm)), tokens_estimate])
+                if also:
+                    got = await link.client.pipeline([link.client.evalsha(ADMIT, [PREFIX + key_name], args),
+                                                      *also])
+                    reply = got[0]
+                    if isinstance(reply, BaseException):
+                        raise reply
+                    if replies is not None:
+                        replies.extend(got[1:])
+                else:
+                    reply = await link.client.eval(ADMIT, [PREFIX + key_name], args)
             except FAILURES as exc:
                 link.failed(exc)
             else:

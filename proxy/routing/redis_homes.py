@@ -42,6 +42,12 @@ class RedisHomes:
     def home(self, response_id: str) -> tuple[str, str] | None:
         return self.local.home(response_id)
 
+    def fetch_command(self, response_id: str) -> tuple | None:
+        """The command that fetches `response_id`'s home (None when Redis is down), for a caller that
+        pipelines it with its other Redis work (admit/inference.py with the cluster's limits); the reply
+        goes to `from_reply`."""
+        return ("GET", PREFIX + response_id) if self.link.up else None
+
     async def lookup(self, response_id: str) -> tuple[str, str] | None:
         found = self.local.home(response_id)
         if found is not None or not self.link.up:
@@ -51,6 +57,10 @@ class RedisHomes:
         except FAILURES as exc:
             self.link.failed(exc)
             return None
+        return self.from_reply(response_id, value)
+
+    def from_reply(self, response_id: str, value) -> tuple[str, str] | None:
+        """The home in a GET's reply (cached here), or None."""
         if not isinstance(value, bytes):
             return None
         tier, sep, upstream = value.decode("utf-8", "replace").partition("\n")
