@@ -127,8 +127,8 @@ async def _admit_and_forward(gw, ds, ex, request, key, view, body: bytes, pin, f
     ex.tier = tier.name
     if key is not None and not key.allows_tier(tier.name):
         raise errors.permission_denied(f"This API key may not use tier '{tier.name}' (model '{ex.model}').")
-    command = getattr(gw.homes, "fetch_command", None) if fetch is not None else None
-    also = () if command is None or (cmd := command(fetch)) is None else (cmd,)
+    cmd = gw.homes.fetch_command(fetch) if fetch is not None else None
+    also = () if cmd is None else (cmd,)
     replies: list = []
     limit_headers = await charge(gw, ex, key, view, len(body), also=also, replies=replies)
     if also:

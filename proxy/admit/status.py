@@ -344,7 +344,7 @@ def _tier(tier, now: float) -> TierStatus:
 
 
 def _cost(gw, tier: str, wall: float) -> TierCost | None:
-    recorder = getattr(gw, "gpu_time", None)
+    recorder = gw.gpu_time  # usage/gpu_time.py, None until it runs (no [tiers.cost] anywhere: no view)
     view = None if recorder is None else recorder.cost_view(tier)
     if view is None:
         return None

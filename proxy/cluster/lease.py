@@ -1,9 +1,12 @@
 """The cluster's tier link (ops/lease.py's contract) in Redis: one wake lease per tier, shared notices.
 
 Strategy: the lease is one key, ``spotinference:lease:<tier>``, whose value is the holder's node name
-(cluster/link.py), set with ``SET NX PX lease_s``: taken only when free, gone by itself when its
-holder stops renewing it (a host that died mid-wake). `hold` is one Lua call that renews the key when
-this node holds it, takes it when it is free, and says which; `release` deletes it only when it is
+(cluster/link.py), set with ``SET NX PX lease_s``: taken only when free, gone by itself `lease_s` after
+its holder last asked (a host that died mid-wake). The waker asks (`hold`) before each call that
+changes instances, so the lease lives while there is something to start or stop and lapses once EC2
+shows the instances pending -- long past the seconds EC2 may still show them stopped, so no second node
+starts them. `hold` is one Lua call that renews the key when this node holds it, takes it when it is
+free, and says which; `release` deletes it only when it is
 still ours (compare-and-delete, so a holder whose lease expired and went to another node cannot delete
 the new holder's). A notice is one key per instance, ``spotinference:notice:<instance id>`` = kind,
 living `hold_s`; `share` queues its SET and `notices`, called at each waker poll, sends the queued
@@ -50,7 +53,7 @@ class RedisTierLink:
         self.link = link  # cluster/link.ClusterLink
         self.tier = tier
         self._key = LEASE + tier
-        self._held = False
+        self._held: bool | None = False  # None: Redis was down at the last ask (logged once)
         self._outbox: deque[tuple] = deque()
 
     async def hold(self) -> bool:
@@ -67,8 +70,10 @@ class RedisTierLink:
                 self._held = held
                 return held
         held = not link.closed
-        logs.event("wake_lease_without_redis", level="warning", tier=self.tier, held=held,
-                   policy=link.config.on_redis_failure)
+        if self._held is not None:  # once per outage, not at every poll
+            logs.event("wake_lease_without_redis", level="warning", tier=self.tier, held=held,
+                       policy=link.config.on_redis_failure)
+            self._held = None
         return held
 
     async def release(self) -> None:

@@ -130,7 +130,7 @@ class RecentTraffic:
             self._day = day
             self._keys = {}
         tokens = settlement(ex)[0] or 0
-        tier = getattr(ex, "tier", None)
+        tier = ex.tier
         if tier is not None:  # only configured tier names are set on the record
             t = self.tiers.get(tier)
             if t is None:

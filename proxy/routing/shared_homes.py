@@ -125,6 +125,10 @@ class SharedHomes:
         finally:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
 
+    def fetch_command(self, response_id: str) -> tuple | None:
+        """None: this map is the only one, nothing to fetch from elsewhere (redis_homes.py has one)."""
+        return None
+
     async def lookup(self, response_id: str) -> tuple[str, str] | None:
         """`home`, awaitable: the request path's one call, whichever map serves (redis_homes.py)."""
         return self.home(response_id)

@@ -31,7 +31,6 @@ their uid is deterministic, so the minute several workers or hosts record is ins
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
 
 import msgspec
@@ -44,7 +43,7 @@ from proxy.usage.store import (
     Item,
     UsageRow,
     UsageSchemaError,
-    read_spill,
+    import_spill,
     recover_files,
     split,
 )
@@ -182,15 +181,7 @@ def insert(conn: psycopg.Connection, items: Sequence[Item]) -> None:
 
 def import_spill_file(conn: psycopg.Connection, path: str) -> int:
     """Insert the rows of one spill file (chunk by chunk, each idempotent), then remove it. Blocking."""
-    n = 0
-    for items in read_spill(path):
-        insert(conn, items)
-        n += len(items)
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    return n
+    return import_spill(path, lambda items: insert(conn, items))
 
 
 def recover_spills_pg(url: str, pattern: str) -> int:

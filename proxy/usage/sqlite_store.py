@@ -25,7 +25,7 @@ from proxy.usage.store import (
     Item,
     UsageRow,
     UsageSchemaError,
-    read_spill,
+    import_spill,
     recover_files,
     split,
 )
@@ -165,15 +165,7 @@ def insert_rows(conn: sqlite3.Connection, rows: list[UsageRow]) -> None:
 
 def import_spill_file(conn: sqlite3.Connection, spill_path: str) -> int:
     """Insert the rows of one spill file, then remove it. Returns the rows read. Blocking."""
-    n = 0
-    for items in read_spill(spill_path):
-        _insert_items(conn, items)
-        n += len(items)
-    try:
-        os.unlink(spill_path)
-    except FileNotFoundError:
-        pass
-    return n
+    return import_spill(spill_path, lambda items: _insert_items(conn, items))
 
 
 def recover_spills(path: str) -> int:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import glob
 import logging
+import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import BinaryIO, Protocol
 
@@ -170,3 +171,17 @@ def recover_files(pattern: str, connect: Callable[[], object], import_one: Calla
         return sum(import_one(conn, f) for f in files)
     finally:
         conn.close()
+
+
+def import_spill(path: str, insert: Callable[[Sequence[Item]], None]) -> int:
+    """Insert the rows of the spill file at `path` with `insert`, chunk by chunk (each chunk idempotent:
+    rows carry their uids), then remove the file. Returns the rows read. Blocking."""
+    n = 0
+    for items in read_spill(path):
+        insert(items)
+        n += len(items)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    return n

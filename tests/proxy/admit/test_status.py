@@ -324,7 +324,7 @@ def record(ts: float, *, key: str | None = "alice", status: int = 200, endpoint:
     return types.SimpleNamespace(
         ts=ts, endpoint=endpoint, status=status, prompt_tokens=prompt, completion_tokens=completion,
         total_tokens=prompt + completion, estimated=False, t_upstream=1.0, upstream="u", charged_tokens=0,
-        key=None if key is None else types.SimpleNamespace(name=key))
+        tier="local", key=None if key is None else types.SimpleNamespace(name=key))
 
 
 def test_recorder_minutes_statuses_and_keys():
