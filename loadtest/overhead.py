@@ -22,6 +22,12 @@ Rules that make the numbers mean something:
   after each of its slices: steadier than wall time on a shared machine.
 - Everything is bounded: per-request timeout, in-flight cap in open loop (excess counts as an error),
   slice deadlines; every process is stopped in `finally`. GC is paused inside slices.
+- By default everything shares every CPU, as on a small host. `--pin` then ALSO measures a subset of
+  the cells with the proxies under test alone on a core: the first rig is stopped (its own ExitStack),
+  a second one starts with the gateways and nginx on the lowest usable CPU and the sims on the rest,
+  and this process is pinned to the rest too for those cells (its affinity restored afterwards). Its
+  rows carry `_pin` / ` [pinned]`; meta["pin"] says which CPUs each side had. Fewer than 2 usable
+  CPUs: a note, and no pinned rows.
 
 Layout: this module is the command (`main(argv)`: arguments, the run, the outputs). The HTTP client is
 loadtest/rawhttp.py; targets, stats and the interleaved slices loadtest/overhead_load.py; the
@@ -90,7 +96,7 @@ __all__ = [
     "GATEWAYS", "MAX_IDLE_S", "OPEN_LOOP_MAX_INFLIGHT", "PROFILES", "REQUEST_TIMEOUT_S",
     "STALE_CHECK_AFTER_S", "Conn", "HttpProtocolError", "Interrupted", "Plan", "Pool", "ProcessDied", "Rig",
     "Shape", "Stat", "Target", "added", "big_streams", "build_request", "chat_body", "idle_connections",
-    "latency_row", "main", "markdown", "measure", "parse_args", "percentiles", "render", "requests_for",
+    "latency_row", "main", "markdown", "measure", "parse_args", "percentiles", "pin_split", "render", "requests_for",
     "run_cell", "run_meta", "run_slice", "start_rig", "table_rows", "throughput_row",
 ]
 
@@ -112,8 +118,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--limits", action="store_true",
                    help="also measure a rate-limited key: buckets in the workers' mmap table vs in Redis "
                         "(starts its own redis-server; skipped with a note if it is not installed)")
+    p.add_argument("--pin", action="store_true",
+                   help="also measure a subset of the cells with the gateways and nginx alone on one CPU "
+                        "and the sims and this load generator on the others (needs 2 usable CPUs)")
     p.add_argument("--workdir", type=Path, help="keep configs and process logs here (default: temp dir)")
     return p.parse_args(argv)
+
+
+def pin_split(cpus: list[int]) -> tuple[set[int], set[int]] | None:
+    """(proxy CPUs, sims' and load generator's CPUs) for `--pin`: the lowest CPU, the rest; None if < 2."""
+    return ({cpus[0]}, set(cpus[1:])) if len(cpus) >= 2 else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,32 +137,40 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     plan = Plan.quick() if args.quick else Plan.full(args.duration_s)
     nofile = procs.raise_nofile(plan.idle_conns + 4096)
-    console = Console(width=None if sys.stdout.isatty() else 150)
+    console = Console(width=None if sys.stdout.isatty() else 160)  # room for the " [pinned]" labels
     err = Console(stderr=True)
     meta = run_meta(args, plan)
     meta["nofile"] = nofile
+    pin = pin_split(procs.usable_cpus()) if args.pin else None
     with ExitStack() as stack:
         if args.workdir:
             args.workdir.mkdir(parents=True, exist_ok=True)
             workdir = args.workdir
         else:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="spotinference-bench-")))
-        err.print(f"starting sims, gateways and nginx in {workdir}")
         try:
-            rig = start_rig(workdir, stack, use_nginx=not args.no_nginx)
-        except procs.StartError as exc:
-            err.print(f"[red]could not start the processes under test:[/red] {exc}")
-            return 2
-        for note in rig.notes:
-            err.print(note)
-        try:
-            total = steps(plan) + (1 + len(LIMITS_CELLS) if args.limits else 0)
-            with progress("overhead", total, console=err) as bar:  # one line per step unless a terminal
-                rows = trio.run(measure, rig, plan, None, bar.step)
-                rig.check_alive()
-                if args.limits:
-                    limit_rows, meta["limits"] = run_limits(rig, plan, workdir, stack, bar.step)
-                    rows += limit_rows
+            # The shared-core rig has its own stack: every process of it is gone before a pinned one starts.
+            with ExitStack() as rig_stack:
+                err.print(f"starting sims, gateways and nginx in {workdir}")
+                try:
+                    rig = start_rig(workdir, rig_stack, use_nginx=not args.no_nginx)
+                except procs.StartError as exc:
+                    err.print(f"[red]could not start the processes under test:[/red] {exc}")
+                    return 2
+                for note in rig.notes:
+                    err.print(note)
+                total = steps(plan) + (1 + len(LIMITS_CELLS) if args.limits else 0)
+                with progress("overhead", total, console=err) as bar:  # one line per step unless a terminal
+                    rows = trio.run(measure, rig, plan, None, bar.step)
+                    rig.check_alive()
+                    if args.limits:
+                        limit_rows, meta["limits"] = run_limits(rig, plan, workdir, rig_stack, bar.step)
+                        rows += limit_rows
+            if args.pin and pin is None:
+                rig.notes.append("--pin: needs 2 usable CPUs, skipped")
+            elif pin:
+                with progress("overhead --pin", steps(plan, pinned=True), console=err) as bar:
+                    rows += _run_pinned(workdir / "pinned", plan, pin, not args.no_nginx, rig, meta, bar)
         except ProcessDied as exc:
             err.print(f"[red]aborted:[/red] {exc}")
             return 2
@@ -166,6 +188,34 @@ def main(argv: list[str] | None = None) -> int:
         command = "spotinference bench overhead " + " ".join(argv if argv is not None else sys.argv[1:])
         args.markdown.write_text(markdown(rows, meta, rig.notes, command.strip()))
     return 0 if errors == 0 else 1
+
+
+def _run_pinned(workdir: Path, plan: Plan, pin: tuple[set[int], set[int]], use_nginx: bool, first: Rig,
+                meta: dict, bar) -> list[dict]:
+    """`--pin`: a second rig in `workdir` (its own logs), proxies on pin[0] and sims on pin[1], measured
+    with this process on pin[1], all of it stopped before returning. Its notes join `first.notes` (those
+    not already there); a failed start is a note and no rows."""
+    proxy_cpus, other_cpus = pin
+    workdir.mkdir(parents=True, exist_ok=True)
+    bar.note(f"--pin: gateways and nginx on CPU {_cpu_list(proxy_cpus)}, sims and this load generator on "
+             f"CPU {_cpu_list(other_cpus)}; starting them in {workdir}")
+    with ExitStack() as stack:
+        try:
+            rig = start_rig(workdir, stack, use_nginx=use_nginx, pin=pin)
+        except procs.StartError as exc:
+            first.notes.append(f"--pin: could not start the pinned processes, skipped "
+                               f"({exc.args[0].strip().splitlines()[-1][:160]})")
+            return []
+        first.notes += [n for n in rig.notes if n not in first.notes]
+        meta["pin"] = {"proxies": sorted(proxy_cpus), "sims_and_load": sorted(other_cpus)}
+        with procs.pinned_to(other_cpus):
+            rows = trio.run(measure, rig, plan, None, bar.step, True)
+            rig.check_alive()
+    return rows
+
+
+def _cpu_list(cpus: set[int]) -> str:
+    return ",".join(str(c) for c in sorted(cpus))
 
 
 if __name__ == "__main__":

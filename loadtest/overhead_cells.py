@@ -9,7 +9,11 @@ Saturation cells use the zero-latency upstream and report sustained rates and pr
 request/event. Scale checks are one burst per target (1,000 concurrent streams) and 10,000 idle
 keep-alive connections held on one gateway worker while latency is probed. Every row is a plain
 dict (id, label, kind, metric, targets, added, budget, errors, note): the JSON report and the input
-of loadtest/overhead_report.py.
+of loadtest/overhead_report.py. The cells are data (`_latency_sections`, `_SATURATION`), so `steps`
+counts what `_measure` runs, and `--pin` (`measure(..., pinned=True)` on a rig whose proxies have a
+core of their own) repeats the subset `pinned_ids` -- chat c=1 and the highest c, TTFB c=1 and the
+highest open rate, every SSE gap cell, chat and SSE saturation -- with ids suffixed `_pin` and labels
+` [pinned]`, through the same cell code and row builders.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import signal
 from dataclasses import dataclass
 
 import trio
+from rich.markup import escape
 
 from loadtest import procs
 from loadtest.overhead_load import (
@@ -88,7 +93,7 @@ def latency_row(row_id: str, label: str, shape: Shape, stats: dict[str, Stat], m
 
 
 def throughput_row(row_id: str, label: str, shape: Shape, stats: dict[str, Stat], per: str,
-                   budget: float | None, note: str = "") -> dict:
+                   budget: float | None, note: str = "", own_core: bool = False) -> dict:
     targets = {name: s.summary() for name, s in stats.items()}
     key = "rate_per_s" if per == "req" else "events_per_s"
     gw = targets.get("gateway", {}).get(key)
@@ -97,7 +102,9 @@ def throughput_row(row_id: str, label: str, shape: Shape, stats: dict[str, Stat]
     per_core = round(1e6 / cpu) if cpu else None
     if per_core and not note:
         unit = "req" if per == "req" else "event"
-        note = (f"gateway CPU {cpu:.1f} us/{unit} -> ~{per_core:,}/s if one core were its own "
+        note = (f"gateway CPU {cpu:.1f} us/{unit} -> ~{per_core:,}/s at one full core; here it had a "
+                "core of its own (the sim and this load generator on other CPUs)" if own_core else
+                f"gateway CPU {cpu:.1f} us/{unit} -> ~{per_core:,}/s if one core were its own "
                 "(2 cores here are shared with the sim and this load generator)")
     return {
         "id": row_id, "label": label, "kind": "throughput", "metric": key, "shape": shape.__dict__.copy(),
@@ -112,8 +119,9 @@ class Interrupted(Exception):
     """SIGTERM or SIGHUP arrived: the run was cancelled and everything is being stopped."""
 
 
-async def measure(rig: Rig, plan: Plan, key: str | None, log) -> list[dict]:
-    """All cells of one run, in order; returns the rows of the report.
+async def measure(rig: Rig, plan: Plan, key: str | None, log, pinned: bool = False) -> list[dict]:
+    """All cells of one run, in order; returns the rows of the report. `pinned` (`--pin`, on the pinned
+    rig): only the cells of `pinned_ids`, ids suffixed PIN_ID and labels PIN_LABEL.
 
     SIGTERM/SIGHUP cancel the run cleanly (then `Interrupted`); Ctrl-C is trio's KeyboardInterrupt."""
     rows: list[dict] | None = None
@@ -132,7 +140,7 @@ async def measure(rig: Rig, plan: Plan, key: str | None, log) -> list[dict]:
 
             nursery.start_soon(watch_signals)
             try:
-                rows = await _measure(rig, plan, key, log)
+                rows = await _measure(rig, plan, key, log, pinned)
             except ProcessDied as exc:  # re-raised below, not wrapped in the nursery's ExceptionGroup
                 died = exc
             nursery.cancel_scope.cancel()
@@ -145,81 +153,103 @@ async def measure(rig: Rig, plan: Plan, key: str | None, log) -> list[dict]:
     return rows
 
 
-def steps(plan: Plan) -> int:
+PIN_ID, PIN_LABEL = "_pin", " [pinned]"  # what `--pin` appends to the id and label of its rows
+PIN_HEADER = "pinned: "  # and prepends to its section headers (progress lines)
+
+
+def pinned_ids(plan: Plan) -> set[str]:
+    """The cells `measure(..., pinned=True)` repeats on the pinned rig (their ids without PIN_ID)."""
+    return {"chat_c1", f"chat_c{max(plan.concurrency)}", "ttfb_c1", f"ttfb_open{plan.rates[-1]:g}",
+            *(f"sse_{n}" for n in plan.sse_streams), "sat_chat", "sat_sse"}
+
+
+def _latency_sections(plan: Plan, pinned: bool = False) -> list[tuple[str, str, str, list[tuple]]]:
+    """The latency cells of `plan` as (header, profile, metric, [(id, label, shape, budget_ms, slice_s)]);
+    `pinned`: only the cells of `pinned_ids`, tagged, and no section left empty."""
+    other = plan.sse_streams[1:2] or plan.sse_streams[:1]
+    sections = [
+        ("non-streaming chat, upstream answers in 20 ms", "chat", "latency_ms", [
+            *[(f"chat_c{c}", f"chat c={c}", Shape("chat", concurrency=c),
+               0.5 if c == 1 else None, plan.slice_s) for c in plan.concurrency],
+            *[(f"chat_open{r:g}", f"chat open {r:g}/s", Shape("chat", rate=r), 1.0, plan.slice_s)
+              for r in plan.rates],
+        ]),
+        ("streaming chat: time to first event (20 ms TTFT, 4 tokens at 100/s)", "stream", "latency_ms", [
+            ("ttfb_c1", "TTFB c=1", Shape("stream", concurrency=1, max_tokens=4), 0.5, plan.slice_s),
+            *[(f"ttfb_open{r:g}", f"TTFB open {r:g}/s", Shape("stream", rate=r, max_tokens=4),
+               1.0, plan.slice_s) for r in plan.rates],
+        ]),
+        ("streaming chat: per-event gaps (100 tokens/s, 16 tokens per stream)", "stream", "gap_ms", [
+            (f"sse_{n}", f"SSE gap, {n} streams", Shape("stream", concurrency=n, max_tokens=16), 0.2,
+             plan.stream_slice_s) for n in plan.sse_streams
+        ]),
+        ("other streaming APIs: per-event gaps, 100 streams (Responses API, Anthropic Messages vs chat)",
+         "stream", "gap_ms", [
+            (f"sse_{kind}_{n}", f"SSE gap, {n} {label} str.", Shape(kind, concurrency=n, max_tokens=16),
+             0.2, plan.stream_slice_s)
+            for kind, label in (("responses", "responses"), ("messages", "messages")) for n in other
+        ]),
+    ]
+    if not pinned:
+        return sections
+    keep = pinned_ids(plan)
+    tagged = [(PIN_HEADER + header, profile, metric,
+               [(row_id + PIN_ID, label + PIN_LABEL, *rest) for row_id, label, *rest in cells if row_id in keep])
+              for header, profile, metric, cells in sections]
+    return [section for section in tagged if section[3]]
+
+
+# Saturation cells on the zero-latency upstream: (id, label, shape, per, budget, label of the w2 row).
+_SATURATION = (
+    ("sat_chat", "max chat req/s, 64 conns", Shape("chat", concurrency=64, max_tokens=16), "req", 3000.0,
+     "max chat req/s, 2 workers"),
+    ("sat_sse", "max SSE events/s, 16 str.", Shape("stream", concurrency=16, max_tokens=200), "event",
+     50000.0, "max SSE events/s, 2 workers"),
+    *[(f"sat_sse_{kind}", f"max {kind} events/s, 16 str.", Shape(kind, concurrency=16, max_tokens=200),
+       "event", 50000.0, None) for kind in ("responses", "messages")],
+)
+
+
+def steps(plan: Plan, pinned: bool = False) -> int:
     """How many `log` lines `measure` sends for `plan` (section headers and cells): the progress total.
-    Keep in step with `_measure`; a mismatch only shows as a bar that ends early or grows."""
-    other_apis = 2 * len(plan.sse_streams[1:2] or plan.sse_streams[:1])
-    cells = len(plan.concurrency) + len(plan.rates) + 1 + len(plan.rates) + len(plan.sse_streams) + other_apis
-    return 7 + cells  # 7 headers: chat, TTFB, SSE gaps, other APIs, saturation, and the two scale checks
+    Counted from the same sections `_measure` runs; only the saturation and scale headers are fixed."""
+    sections = _latency_sections(plan, pinned)
+    return len(sections) + sum(len(cells) for *_, cells in sections) + 1 + (0 if pinned else 2)
 
 
-async def _measure(rig: Rig, plan: Plan, key: str | None, log) -> list[dict]:
+async def _measure(rig: Rig, plan: Plan, key: str | None, log, pinned: bool = False) -> list[dict]:
     rows: list[dict] = []
-
-    async def latency_cells(profile: str, metric: str, shapes) -> None:
+    for header, profile, metric, cells in _latency_sections(plan, pinned):
+        log(header)
         targets = rig.side_by_side(profile)
-        for row_id, label, shape, budget, slice_s in shapes:
+        for row_id, label, shape, budget, slice_s in cells:
             rig.check_alive()
-            log(f"  {label}")
+            log(f"  {escape(label)}")  # `log` renders rich markup: " [pinned]" is text
             stats = await run_cell(targets, shape, requests_for(targets, shape, key), plan.rounds(slice_s),
                                    slice_s)
             rows.append(latency_row(row_id, label, shape, stats, metric, budget))
         for t in targets:
             t.pool.close_all()
 
-    log("non-streaming chat, upstream answers in 20 ms")
-    await latency_cells("chat", "latency_ms", [
-        *[(f"chat_c{c}", f"chat c={c}", Shape("chat", concurrency=c),
-           0.5 if c == 1 else None, plan.slice_s) for c in plan.concurrency],
-        *[(f"chat_open{r:g}", f"chat open {r:g}/s", Shape("chat", rate=r), 1.0, plan.slice_s)
-          for r in plan.rates],
-    ])
-    log("streaming chat: time to first event (20 ms TTFT, 4 tokens at 100/s)")
-    await latency_cells("stream", "latency_ms", [
-        ("ttfb_c1", "TTFB c=1", Shape("stream", concurrency=1, max_tokens=4), 0.5,
-         plan.slice_s),
-        *[(f"ttfb_open{r:g}", f"TTFB open {r:g}/s", Shape("stream", rate=r, max_tokens=4),
-           1.0, plan.slice_s) for r in plan.rates],
-    ])
-    log("streaming chat: per-event gaps (100 tokens/s, 16 tokens per stream)")
-    await latency_cells("stream", "gap_ms", [
-        (f"sse_{n}", f"SSE gap, {n} streams", Shape("stream", concurrency=n, max_tokens=16), 0.2,
-         plan.stream_slice_s) for n in plan.sse_streams
-    ])
-
     rig.check_alive()
-    log("other streaming APIs: per-event gaps, 100 streams (Responses API, Anthropic Messages vs chat)")
-    await latency_cells("stream", "gap_ms", [
-        (f"sse_{kind}_{n}", f"SSE gap, {n} {label} str.", Shape(kind, concurrency=n, max_tokens=16), 0.2,
-         plan.stream_slice_s)
-        for kind, label in (("responses", "responses"), ("messages", "messages"))
-        for n in plan.sse_streams[1:2] or plan.sse_streams[:1]
-    ])
-
-    log("saturation, zero-latency upstream")
+    log((PIN_HEADER if pinned else "") + "saturation, zero-latency upstream")
     targets = rig.side_by_side("zero", ("gateway-w2",))
     note = "--workers 2 on 2 cores shared with the load generator and the sim: shape, not limit"
-    shape = Shape("chat", concurrency=64, max_tokens=16)
-    stats = await run_cell(targets, shape, requests_for(targets, shape, key), plan.rounds(plan.sat_slice_s),
-                           plan.sat_slice_s)
-    rows.append(throughput_row("sat_chat", "max chat req/s, 64 conns", shape, stats, "req", 3000.0))
-    if "zero-w2" in rig.gateways:
-        rows.append(_w2_row("sat_chat_w2", "max chat req/s, 2 workers", rows[-1], note))
-    shape = Shape("stream", concurrency=16, max_tokens=200)
-    stats = await run_cell(targets, shape, requests_for(targets, shape, key), plan.rounds(plan.sat_slice_s),
-                           plan.sat_slice_s)
-    rows.append(throughput_row("sat_sse", "max SSE events/s, 16 str.", shape, stats, "event",
-                               50000.0))
-    if "zero-w2" in rig.gateways:
-        rows.append(_w2_row("sat_sse_w2", "max SSE events/s, 2 workers", rows[-1], note))
-    for kind in ("responses", "messages"):
-        shape = Shape(kind, concurrency=16, max_tokens=200)
+    keep = pinned_ids(plan) if pinned else None
+    for row_id, label, shape, per, budget, w2_label in _SATURATION:
+        if keep is not None and row_id not in keep:
+            continue
         stats = await run_cell(targets, shape, requests_for(targets, shape, key), plan.rounds(plan.sat_slice_s),
                                plan.sat_slice_s)
-        rows.append(throughput_row(f"sat_sse_{kind}", f"max {kind} events/s, 16 str.", shape, stats, "event",
-                                   50000.0))
+        if pinned:
+            row_id, label = row_id + PIN_ID, label + PIN_LABEL
+        rows.append(throughput_row(row_id, label, shape, stats, per, budget, own_core=pinned))
+        if w2_label and "zero-w2" in rig.gateways:
+            rows.append(_w2_row(f"{row_id}_w2", w2_label, rows[-1], note))
     for t in targets:
         t.pool.close_all()
+    if pinned:
+        return rows
 
     log(f"scale: {plan.big_streams:,} concurrent streams (10 tokens at 5/s, starts over {BIG_STREAMS_RAMP_S:g} s)")
     rows.append(await big_streams(rig, plan.big_streams, key))

@@ -5,7 +5,9 @@ text cells once; `render` (rich, imported lazily) and `markdown` lay out the sam
 terminal table, `--markdown` and what docs/BENCHMARKS.md pastes cannot drift apart. Latency rows show
 direct as absolute and +nginx/+gateway as ADDED P50/P95/P99; throughput rows show sustained rates.
 Rows of kind "limits" (`--limits`) get their own small table after it, with the cells of
-loadtest/overhead_limits.py. `run_meta` records what a reader needs to judge the numbers: date, mode,
+loadtest/overhead_limits.py. `--pin` rows are ordinary rows after the shared-core ones (labels end in
+" [pinned]", escaped for rich); `pin_text` says, under the legend and in the Markdown header, which CPUs
+each side had (meta["pin"]). `run_meta` records what a reader needs to judge the numbers: date, mode,
 machine (CPUs, model, kernel, load average), versions (spotinference and its commit, Python, trio, h11,
 msgspec, nginx), the plan and the upstream profiles. Nothing here measures or starts anything but `nginx -v` and git.
 """
@@ -54,7 +56,7 @@ def table_rows(rows: list[dict]) -> list[list[str]]:
                      _triple(row["added"].get("gateway")), ratio, *cpu]
         else:
             key = row["metric"]
-            gw = "gateway-w2" if row["id"].endswith("_w2") else "gateway"
+            gw = "gateway" if "gateway" in t else "gateway-w2"  # a _w2 row's only target is gateway-w2
             cpu_key = "cpu_us_per_req" if key == "rate_per_s" else "cpu_us_per_event"
             ratio = "-" if row["ratio"] is None else f"{row['ratio']:.2f}x"
             cells = [_num((t.get(n) or {}).get(key)) for n in ("direct", "nginx", gw)]
@@ -68,8 +70,19 @@ COLUMNS = ("measure", "direct", "+nginx", "+gateway", "gw/nginx", "gw CPU us", "
            "err")
 
 
+def pin_text(meta: dict) -> str | None:
+    """What `--pin` did, for the legend and the Markdown header; None when it did not run."""
+    pin = meta.get("pin")
+    if not pin:
+        return None
+    return (f"Rows marked [pinned] (--pin): the gateways and nginx alone on CPU "
+            f"{','.join(map(str, pin['proxies']))}, the sims and this load generator on CPU "
+            f"{','.join(map(str, pin['sims_and_load']))} (sched_setaffinity); all other rows share every CPU.")
+
+
 def render(rows: list[dict], meta: dict, notes: list[str], console) -> None:
     """Print the one table, then its footnotes (then the --limits table, when it ran)."""
+    from rich.markup import escape
     from rich.table import Table
 
     rows, limits = _split(rows)
@@ -81,7 +94,7 @@ def render(rows: list[dict], meta: dict, notes: list[str], console) -> None:
         if section is not None and row["kind"] != section:
             table.add_section()
         section = row["kind"]
-        table.add_row(*cells)
+        table.add_row(*map(escape, cells))  # a label's "[pinned]" is text, not rich markup
     console.print(table)
     console.print(
         "Latency rows (ms, P50/P95/P99): direct is absolute; +nginx and +gateway are ADDED (via - direct,\n"
@@ -89,10 +102,12 @@ def render(rows: list[dict], meta: dict, notes: list[str], console) -> None:
         "compare inter-event gaps. gw/nginx = ratio of added P95. CPU = microseconds of the proxy's own\n"
         "CPU per request (per event on SSE rows). Throughput rows: sustained rate per target; gw/nginx =\n"
         "ratio of rates. direct in throughput rows is the ceiling of this load generator + sim.")
+    if pin_text(meta):
+        console.print(pin_text(meta), markup=False)
     for row in (r for r in rows if r.get("note")):
-        console.print(f"- {row['label']}: {row['note']}")
+        console.print(f"- {row['label']}: {row['note']}", markup=False)
     for note in notes:
-        console.print(f"- {note}")
+        console.print(f"- {note}", markup=False)
     if limits:
         table = Table(title="--limits: a limited key, buckets in the mmap table vs in Redis")
         for col in ol.COLUMNS:
@@ -120,6 +135,7 @@ def markdown(rows: list[dict], meta: dict, notes: list[str], command: str) -> st
              f"{'/'.join(str(x) for x in m.get('loadavg_end', []))} at end. "
              f"Versions: spotinference {v['spotinference']} (commit {v['commit']}), Python {v['python']}, "
              f"trio {v['trio']}, h11 {v['h11']}, nginx {v['nginx']}."), "",
+             *([pin_text(meta), ""] if pin_text(meta) else []),
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(cells) + " |" for cells in table_rows(rows)]
     lines.append("")
@@ -162,7 +178,8 @@ def run_meta(args: argparse.Namespace, plan: Plan) -> dict:
     return {
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "mode": "quick" if args.quick else f"full, {args.duration_s:g} s per target per cell",
-        "machine": {"cpus": os.cpu_count(), "cpu_model": cpu_model, "kernel": platform.release(),
+        "machine": {"cpus": os.cpu_count(), "usable_cpus": procs.usable_cpus(), "cpu_model": cpu_model,
+                    "kernel": platform.release(),
                     "loadavg_start": [round(x, 2) for x in os.getloadavg()]},
         "versions": {"python": platform.python_version(), "spotinference": version("spotinference"),
                      "commit": commit, "trio": version("trio"), "h11": version("h11"),

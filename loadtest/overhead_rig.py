@@ -8,6 +8,9 @@ registered on the caller's ExitStack before the next start, so nothing outlives 
 waited for before gateways start; a multi-worker gateway that fails to start is noted, not fatal.
 `Rig.check_alive` turns a process that died mid-run into `ProcessDied`: its numbers would be
 meaningless. The load generator reaches all of them only through TCP (loadtest/rawhttp.py).
+`pin=(proxy_cpus, other_cpus)` (`--pin`) starts the same rig with the gateways and nginx pinned to
+proxy_cpus and the sims to other_cpus (sched_setaffinity in the child, loadtest/procs.py); gateways
+with more workers than proxy_cpus has CPUs are left out.
 """
 
 from __future__ import annotations
@@ -61,21 +64,29 @@ class Rig:
             t.pool.close_all()
 
 
-def start_rig(workdir: Path, stack: ExitStack, use_nginx: bool) -> Rig:
-    """Start sims, then gateways and nginx in front of them; register every stop on `stack`."""
+def start_rig(workdir: Path, stack: ExitStack, use_nginx: bool,
+              pin: tuple[set[int], set[int]] | None = None,
+              gateways: dict[str, tuple[str, int]] = GATEWAYS) -> Rig:
+    """Start sims, then gateways and nginx in front of them; register every stop on `stack`.
+
+    `pin=(proxy_cpus, other_cpus)`: gateways and nginx only on proxy_cpus, sims only on other_cpus, and
+    no gateway with more workers than proxy_cpus has CPUs. None: everything wherever it may run."""
+    proxy_cpus, sim_cpus = pin if pin is not None else (None, None)
+    if proxy_cpus is not None:
+        gateways = {name: g for name, g in gateways.items() if g[1] <= len(proxy_cpus)}
     rig = Rig()
     for name, flags in PROFILES.items():
-        proc = procs.launch(f"sim-{name}", procs.sim_argv(**flags), workdir)
+        proc = procs.launch(f"sim-{name}", procs.sim_argv(**flags), workdir, cpus=sim_cpus)
         stack.callback(proc.stop)
         rig.sims[name] = proc
     for proc in rig.sims.values():
         procs.wait_ready(proc)
-    for name, (profile, workers) in GATEWAYS.items():
-        proc = procs.launch_gateway(f"gateway-{name}", [rig.sims[profile].url], workdir, workers)
+    for name, (profile, workers) in gateways.items():
+        proc = procs.launch_gateway(f"gateway-{name}", [rig.sims[profile].url], workdir, workers, proxy_cpus)
         stack.callback(proc.stop)
         rig.gateways[name] = proc
     if use_nginx and procs.nginx_binary():
-        rig.nginx = procs.start_nginx([p.url for p in rig.sims.values()], workdir)
+        rig.nginx = procs.start_nginx([p.url for p in rig.sims.values()], workdir, cpus=proxy_cpus)
         stack.callback(rig.nginx.stop)
     else:
         rig.notes.append("nginx: skipped (--no-nginx)" if not use_nginx else
@@ -84,11 +95,11 @@ def start_rig(workdir: Path, stack: ExitStack, use_nginx: bool) -> Rig:
         try:
             procs.wait_ready(proc)
         except procs.StartError as exc:
-            if GATEWAYS[name][1] == 1:
+            if gateways[name][1] == 1:
                 raise
             # Multi-worker mode is reported, not required: say why it is missing and go on.
             first = exc.args[0].strip().splitlines()
-            rig.notes.append(f"gateway --workers {GATEWAYS[name][1]} did not start ({first[-1][:120]})")
+            rig.notes.append(f"gateway --workers {gateways[name][1]} did not start ({first[-1][:120]})")
             proc.stop()
             del rig.gateways[name]
     nginx_pids = rig.nginx.pids() if rig.nginx else []
@@ -97,7 +108,7 @@ def start_rig(workdir: Path, stack: ExitStack, use_nginx: bool) -> Rig:
         if rig.nginx:
             rig.targets[(profile, "nginx")] = Target("nginx", rig.nginx.ports[i], nginx_pids)
     for name, gw in rig.gateways.items():
-        profile, workers = GATEWAYS[name]
+        profile, workers = gateways[name]
         side = "gateway" if workers == 1 else f"gateway-w{workers}"
         rig.targets[(profile, side)] = Target(side, gw.ports[0], gw.pids())
     return rig

@@ -11,6 +11,9 @@ measures what ships and imports nothing from proxy/, ops/ or backends/. Rules:
 - Every child runs in its own session (one process group per child, so `stop()` reaches the
   gateway's worker processes too) with PR_SET_PDEATHSIG=SIGTERM, so a harness killed with SIGKILL
   does not leave orphans behind (the children shut their own workers down). `stop()` is SIGTERM to the group, a bounded wait, then SIGKILL.
+- `cpus=` pins a child to those CPUs (sched_setaffinity before exec; its workers inherit it), and
+  `pinned_to(cpus)` pins every thread of this process for a block: how `bench overhead --pin` gives
+  the proxies under test a core of their own.
 - CPU time and memory are read from /proc for the process and all its descendants: schedstat gives
   nanoseconds per thread (ticks from /proc/PID/stat are 10 ms, too coarse for short slices).
 - Which program is "spotinference" is `$SPOTINFERENCE_CMD` (shell words) if set, else
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 import re
 import resource
@@ -31,6 +35,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,12 +58,37 @@ def spotinference_cmd() -> list[str]:
     return [sys.executable, "-m", "proxy"]
 
 
-def _child_setup() -> None:
+def _child_setup(cpus: frozenset[int] | None = None) -> None:
     # Runs in the child between fork and exec: stop with the harness even if it is SIGKILLed. SIGTERM,
     # not SIGKILL, so that nginx's master and the gateway's supervisor take their workers down too.
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if cpus is not None:  # inherited by every process and thread the child starts
+        os.sched_setaffinity(0, cpus)
+
+
+def usable_cpus() -> list[int]:
+    """The CPUs this process may run on (its affinity mask, not os.cpu_count()), ascending."""
+    return sorted(os.sched_getaffinity(0))
+
+
+def _set_affinity_all_threads(cpus: set[int] | frozenset[int]) -> None:
+    # sched_setaffinity(0) moves only the calling thread: move every thread of this process.
+    for tid in os.listdir("/proc/self/task"):
+        with contextlib.suppress(ProcessLookupError):
+            os.sched_setaffinity(int(tid), cpus)
+
+
+@contextlib.contextmanager
+def pinned_to(cpus: set[int]) -> Iterator[None]:
+    """Every thread of this process on `cpus` for the block; the affinity it had is restored after."""
+    before = os.sched_getaffinity(0)
+    _set_affinity_all_threads(cpus)
+    try:
+        yield
+    finally:
+        _set_affinity_all_threads(before)
 
 
 @dataclass
@@ -105,9 +135,13 @@ def _killpg(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
 
 
-def launch(name: str, argv: list[str], workdir: Path, env: dict[str, str] | None = None) -> Proc:
-    """Start `argv` in its own session with stdout+stderr to `workdir/NAME.log`; do not wait."""
+def launch(name: str, argv: list[str], workdir: Path, env: dict[str, str] | None = None,
+           cpus: set[int] | None = None) -> Proc:
+    """Start `argv` in its own session with stdout+stderr to `workdir/NAME.log`; do not wait.
+
+    `cpus`: run it (and everything it starts) only on these CPUs; None: wherever this process may."""
     log_path = workdir / f"{name}.log"
+    setup = functools.partial(_child_setup, None if cpus is None else frozenset(cpus))
     with open(log_path, "wb") as log:
         popen = subprocess.Popen(
             argv,
@@ -115,8 +149,8 @@ def launch(name: str, argv: list[str], workdir: Path, env: dict[str, str] | None
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            # Only prctl() runs in the child; we launch from the main thread before any worker threads.
-            preexec_fn=_child_setup,  # noqa: PLW1509
+            # Only prctl() and sched_setaffinity() run in the child; we launch from the main thread.
+            preexec_fn=setup,  # noqa: PLW1509
             env={**os.environ, "PYTHONUNBUFFERED": "1", RUN_MARKER: str(workdir), **(env or {})},
         )
     return Proc(name=name, popen=popen, log_path=log_path)
@@ -177,11 +211,12 @@ def gateway_argv(config_path: Path, workers: int = 1) -> list[str]:
     return argv
 
 
-def launch_gateway(name: str, upstreams: list[str], workdir: Path, workers: int = 1) -> Proc:
+def launch_gateway(name: str, upstreams: list[str], workdir: Path, workers: int = 1,
+                   cpus: set[int] | None = None) -> Proc:
     """Write a config for `upstreams` and launch `spotinference serve` on it (call wait_ready next)."""
     config_path = workdir / f"{name}.toml"
     config_path.write_text(gateway_config(upstreams))
-    return launch(name, gateway_argv(config_path, workers), workdir)
+    return launch(name, gateway_argv(config_path, workers), workdir, cpus=cpus)
 
 
 # --- nginx -----------------------------------------------------------------------------------------
@@ -226,11 +261,12 @@ def render_nginx_conf(prefix: Path, routes: list[tuple[int, str]], nofile: int) 
     )
 
 
-def start_nginx(upstreams: list[str], workdir: Path, timeout_s: float = 15.0) -> Proc:
+def start_nginx(upstreams: list[str], workdir: Path, timeout_s: float = 15.0,
+                cpus: set[int] | None = None) -> Proc:
     """Run nginx (non-daemon, one worker) with one reverse-proxy port per upstream; wait for all ports.
 
-    `proc.ports[i]` fronts `upstreams[i]`; `proc.url` is the first. Raises StartError if nginx is
-    missing or does not come up (three tries, in case a picked port was taken meanwhile).
+    `proc.ports[i]` fronts `upstreams[i]`; `proc.url` is the first; `cpus` as for `launch`. Raises
+    StartError if nginx is missing or does not come up (three tries, in case a picked port was taken).
     """
     binary = nginx_binary()
     if binary is None:
@@ -248,6 +284,7 @@ def start_nginx(upstreams: list[str], workdir: Path, timeout_s: float = 15.0) ->
             [binary, "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "error.log"),
              "-g", "daemon off;"],
             workdir,
+            cpus=cpus,
         )
         if _wait_ports(proc, ports, timeout_s):
             proc.ports = ports

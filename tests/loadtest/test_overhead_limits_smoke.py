@@ -1,6 +1,6 @@
 """Smoke test of `spotinference bench overhead --quick --limits`: the limited-key cells run, with zero errors.
 
-Strategy: the same subprocess run as tests/loadtest/test_overhead_smoke.py (its `_run_quick` pattern and
+Strategy: the same subprocess run as tests/loadtest/test_overhead_smoke.py (its `run_quick`, with its
 timeout, here with `--limits --no-nginx`), then check the JSON's "limits" rows: each cell present, both
 gateways' added latency and CPU per request there, the redis-table differences and redis-server's own
 CPU filled in, zero errors, and no process of the run left behind. Skipped, with the reason, when
@@ -10,38 +10,17 @@ are only checked to exist.
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import sys
-
 import pytest
 
 from loadtest import overhead_limits, procs
-from tests.loadtest.test_overhead_smoke import RUN_TIMEOUT_S
-from tests.support.processes import Proc, run_to_end
+from tests.loadtest.test_overhead_smoke import run_quick
 
 pytestmark = pytest.mark.skipif(overhead_limits.redis_binary() is None,
                                 reason="redis-server is not installed (apt-get install redis-server)")
 
 
-def _run_quick(tmp_path, *extra: str) -> tuple[Proc, dict | None]:
-    """test_overhead_smoke's run, with `extra` arguments: to completion under tests/support/processes.py,
-    its process group killed if it overstays, then every marked child of the run killed for sure."""
-    out = tmp_path / "bench.json"
-    workdir = tmp_path / "work"
-    argv = [sys.executable, "-m", "proxy", "bench", "overhead", "--quick", *extra, "--json", str(out),
-            "--workdir", str(workdir)]
-    try:
-        done = run_to_end(argv, tmp_path, "bench", timeout=RUN_TIMEOUT_S)
-    finally:
-        for pid in procs.marked_pids(workdir):  # children die with the harness; make sure of it
-            os.kill(pid, signal.SIGKILL)
-    return done, (json.loads(out.read_text()) if out.exists() else None)
-
-
 def test_quick_limits_runs_clean_and_reports_both_gateways(tmp_path):
-    done, report = _run_quick(tmp_path, "--limits", "--no-nginx")
+    done, report = run_quick(tmp_path, "--limits", "--no-nginx")
     assert done.returncode == 0, done.logs()
     assert procs.marked_pids(tmp_path / "work") == [], "a process of the run outlived it"
     stdout = done.stdout()

@@ -20,12 +20,13 @@ from tests.support.processes import Proc, run_to_end
 RUN_TIMEOUT_S = 300
 
 
-def _run_quick(tmp_path) -> tuple[Proc, dict | None]:
-    """The harness run to completion under tests/support/processes.py (stdout and stderr to files, never
-    an unread pipe; its process group killed if it overstays)."""
+def run_quick(tmp_path, *extra: str) -> tuple[Proc, dict | None]:
+    """The harness run (`--quick`, then `extra` arguments) to completion under tests/support/processes.py
+    (stdout and stderr to files, never an unread pipe; its process group killed if it overstays), then
+    every marked child of the run killed for sure."""
     out = tmp_path / "bench.json"
     workdir = tmp_path / "work"
-    argv = [sys.executable, "-m", "proxy", "bench", "overhead", "--quick", "--json", str(out),
+    argv = [sys.executable, "-m", "proxy", "bench", "overhead", "--quick", *extra, "--json", str(out),
             "--workdir", str(workdir)]
     try:
         done = run_to_end(argv, tmp_path, "bench", timeout=RUN_TIMEOUT_S)
@@ -36,7 +37,7 @@ def _run_quick(tmp_path) -> tuple[Proc, dict | None]:
 
 
 def test_quick_mode_runs_clean_and_reports(tmp_path):
-    done, report = _run_quick(tmp_path)
+    done, report = run_quick(tmp_path)
     assert done.returncode == 0, done.logs()
     assert procs.marked_pids(tmp_path / "work") == [], "a process of the run outlived it"
 
