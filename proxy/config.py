@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import os
 import re
 import tomllib
 from pathlib import Path
@@ -37,7 +38,9 @@ class ConfigError(ValueError):
 
 class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     listen: str = "127.0.0.1:8080"
-    workers: int = 1
+    # A count, or "auto": one worker per core this process may run on (resolved by `validate`, so
+    # everything past loading sees an int).
+    workers: int | str = 1
     max_body_bytes: int = 8 * 1024 * 1024
     max_head_bytes: int = 32 * 1024
     # Downstream per-phase timeouts.
@@ -203,8 +206,26 @@ def parse_upstream(url: str, field: str) -> tuple[str, int]:
     return parts.hostname, port
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity: a cgroup or `taskset` narrows it), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _resolve_workers(cfg: Config) -> Config:
+    workers = cfg.server.workers
+    if isinstance(workers, str):
+        if workers != "auto":
+            raise ConfigError(f"field 'server.workers': expected a number or \"auto\", got {workers!r}")
+        return msgspec.structs.replace(cfg, server=msgspec.structs.replace(cfg.server, workers=usable_cores()))
+    return cfg
+
+
 def validate(cfg: Config) -> Config:
-    """Cross-field checks; raises ConfigError naming the field."""
+    """Cross-field checks; raises ConfigError naming the field. `server.workers = "auto"` becomes a count."""
+    cfg = _resolve_workers(cfg)
     parse_listen(cfg.server.listen)
     positive = {
         "server.workers": cfg.server.workers,

@@ -24,12 +24,20 @@ import trio
 
 from proxy import errors
 from proxy.admit.keys import KeysError
-from proxy.config import Config, ConfigError, embedded_default, load, parse_listen
+from proxy.config import Config, ConfigError, embedded_default, load, parse_listen, usable_cores
 from proxy.observe import logs
 
 # The embedded tier's pace: what a dual-GPU vLLM host serving a mid-size model looks like to a client.
 SIM_TTFT_MS = 300.0
 SIM_TOKENS_PER_S = 30.0
+
+
+def _workers_arg(value: str) -> int:
+    if value == "auto":
+        return usable_cores()
+    if not value.isdigit() or int(value) < 1:
+        raise ConfigError(f'--workers must be a number >= 1 or "auto", got {value!r}')
+    return int(value)
 
 
 def _is_loopback(host: str) -> bool:
@@ -53,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="spotinference serve", description="Run the gateway.")
     p.add_argument("--config", help="TOML config file (default: embedded simulated tier)")
     p.add_argument("--listen", help="HOST:PORT to bind (overrides [server] listen)")
-    p.add_argument("--workers", type=int, help="worker processes (overrides [server] workers)")
+    p.add_argument("--workers", help='worker processes, or "auto" (one per usable core); overrides [server] workers')
     sim = p.add_argument_group("embedded simulated tier (no --config)",
                                "paced like a real GPU tier, so a stream is seen arriving token by token")
     sim.add_argument("--sim-ttft-ms", type=float, metavar="MS",
@@ -125,9 +133,7 @@ def main(argv: list[str]) -> int:
             if args.listen:
                 server = msgspec.structs.replace(server, listen=args.listen)
             if args.workers is not None:
-                if args.workers < 1:
-                    raise ConfigError("--workers must be >= 1")
-                server = msgspec.structs.replace(server, workers=args.workers)
+                server = msgspec.structs.replace(server, workers=_workers_arg(args.workers))
             config = msgspec.structs.replace(config, server=server)
             check_open_bind(config)
             logs.configure(config.log.level, config.log.access)

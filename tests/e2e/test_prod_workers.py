@@ -317,3 +317,24 @@ def test_a_response_made_on_one_worker_is_retrieved_through_the_other(tmp_path):
                     assert raw.parse().id == rid_  # never a 404, whichever worker answered
                     crossed += worker_of(raw.headers["x-request-id"]) != creator
             assert crossed > 0
+
+
+# -- workers = "auto": one worker per core the process may run on ------------------------------------
+
+@pytest.mark.parametrize("cpus", [[0], [0, 1]])
+def test_workers_auto_starts_one_worker_per_usable_core(tmp_path, cpus):
+    if not set(cpus) <= os.sched_getaffinity(0):
+        pytest.skip(f"needs CPUs {cpus}")
+    with sim(tmp_path) as up:
+        cfg = write_config(tmp_path, up.url, workers='"auto"')
+        # taskset narrows the gateway's affinity as a cgroup or systemd's CPUAffinity= would.
+        with gateway(cfg, cpus=cpus) as gw:
+            ready(gw, len(cpus))
+            r = client(gw).chat.completions.with_raw_response.create(model="sim-chat", messages=ASK, max_tokens=2)
+            assert r.status_code == 200
+            started = gw.events("supervisor_started")
+            if len(cpus) == 1:
+                assert started == []  # one core: the single-process gateway, no supervisor
+            else:
+                assert started[0]["workers"] == len(cpus)
+                assert len(children(gw.pid)) == len(cpus)

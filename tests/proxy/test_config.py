@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from proxy.config import ConfigError, load, loads
@@ -63,6 +65,13 @@ def test_bad_field_is_named(text, field):
     with pytest.raises(ConfigError) as e:
         loads(text)
     assert f"'{field}'" in str(e.value)
+
+
+def test_workers_auto_is_one_per_usable_core():
+    assert loads("[server]\nworkers = 'auto'\n").server.workers == len(os.sched_getaffinity(0))
+    assert loads("[server]\nworkers = 3\n").server.workers == 3
+    with pytest.raises(ConfigError, match="'server.workers': expected a number or \"auto\""):
+        loads("[server]\nworkers = 'all'\n")
 
 
 def test_not_toml():

@@ -43,11 +43,13 @@ def sim(tmp_path: Path, *args: str) -> Iterator[Proc]:
 
 
 @contextlib.contextmanager
-def gateway(config: Path, *args: str) -> Iterator[Proc]:
+def gateway(config: Path, *args: str, cpus: list[int] | None = None) -> Iterator[Proc]:
     """`spotinference serve --config FILE ...`; TMPDIR is the test's directory, so the supervisor's
-    metrics directory and rate-limit table land there (and can be checked)."""
+    metrics directory and rate-limit table land there (and can be checked). `cpus`: run it under
+    `taskset -c` (its CPU affinity, as a cgroup or systemd's CPUAffinity= would set it)."""
     env = {**os.environ, "TMPDIR": str(config.parent)}
-    with start([*SPOT, "serve", "--config", str(config), *args], config.parent, "gateway", env=env) as p:
+    pin = ["taskset", "-c", ",".join(map(str, cpus))] if cpus else []
+    with start([*pin, *SPOT, "serve", "--config", str(config), *args], config.parent, "gateway", env=env) as p:
         yield p
 
 
@@ -66,8 +68,9 @@ def revoke_key(keys_file: Path, name: str) -> None:
 
 
 def write_config(tmp_path: Path, upstream: str, *, keys_file: Path | None = None, usage_db: Path | None = None,
-                 drain_s: float = 30.0, workers: int = 1, name: str = "gw.toml") -> Path:
-    """A gateway config: one tier `local` serving `sim-chat` from `upstream`, on 127.0.0.1 port 0."""
+                 drain_s: float = 30.0, workers: int | str = 1, name: str = "gw.toml") -> Path:
+    """A gateway config: one tier `local` serving `sim-chat` from `upstream`, on 127.0.0.1 port 0
+    (`workers` is written as given: `'"auto"'` for the string)."""
     cfg = tmp_path / name
     text = f'[server]\nlisten = "127.0.0.1:0"\nworkers = {workers}\ndrain_s = {drain_s}\n'
     if keys_file is not None:
