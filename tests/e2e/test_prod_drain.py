@@ -108,7 +108,7 @@ def test_sigterm_under_load_drains_streams_and_loses_no_row(tmp_path, workers):
 
             refused_at: dict[str, int] = {}
             run_threads([*(streamer(i) for i in range(4)), *(requester(i) for i in range(3)), conductor])
-            assert gw.wait(timeout=40) == 0
+            assert gw.wait(timeout=40) == 0, gw.stderr()[-4000:]
             assert "Traceback" not in gw.stderr()  # no worker crashed on the way out
 
     assert refused_at.get("streams_open") == 4  # refusal came while all four streams were in flight
