@@ -3,8 +3,14 @@
 Strategy: pure byte relay, no JSON on this path. parse/response.py decodes the upstream framing
 (chunked for SSE) and Downstream.frame re-frames it; the body bytes -- every SSE event -- pass
 unchanged and unbuffered. Bytes already buffered are batched into one downstream write; the write happens
-before the next upstream read blocks, so nothing waits in the gateway (flow control is the
-`send_all` itself: a slow client slows the upstream read, never a queue).
+before the next upstream read waits, so nothing waits in the gateway (flow control is the write
+itself: a slow client slows the upstream read, never a queue).
+Waiting for the rest of a body is the pump's (relay/pump.py): the relay parks with `_step`, which the
+pump runs inline whenever the upstream socket has bytes -- read, tap, frame, one non-blocking send --
+so a relayed event costs no task switch, no reschedule and no epoll_ctl. The relay task wakes only when
+the body is complete, when the client's buffer is full (it waits for the client, bounded by write_s,
+then parks again), on an error, or when the upstream has been silent for `between_chunks_s` (counted
+from the last read the pump stamped). Where there is no epoll the relay waits on its socket itself.
 The usage tap (usage/taps.py) sees every piece on its way and may drop the one usage event the
 gateway asked for; its counts go into the request's record when the relay ends.
 The head's headers are headers.py's. Failure after the head was sent (the upstream closes or goes
@@ -24,6 +30,9 @@ from proxy.accept.downstream import ClientGone, Downstream
 from proxy.exchange import Exchange
 from proxy.relay.headers import response_headers
 from proxy.relay.inband import end_stream_with_error, inband_error
+from proxy.relay.pump import AGAIN
+from proxy.relay.pump import pump as relay_pump
+from proxy.sockio import READ_SIZE
 from proxy.upstream.connection import UpstreamClosed
 from proxy.usage.taps import read_tap
 
@@ -61,6 +70,93 @@ def _take(conn, tap, frame) -> tuple[bytes, bool]:
             if not data:
                 continue
         out += frame(data)
+
+
+def _step(conn, tap, frame, ds: Downstream):
+    """The pump's step for one relay (relay/pump.py): read what the upstream sent (until the kernel
+    buffer is empty, as edge-triggered readiness needs), frame it, and send it with one non-blocking
+    write. None: all sent, stay parked; (True, rest): complete, `rest` to send; (False, rest): the
+    client's buffer is full, `rest` to send by waiting."""
+    sock = conn.sock
+    reader = conn.reader
+    dsock = ds.sock
+
+    def step():
+        reads = 0
+        while True:
+            try:
+                data = sock.recv(READ_SIZE)
+            except BlockingIOError:
+                break
+            except OSError:
+                data = b""
+            reader.feed(data)
+            if len(data) < READ_SIZE:
+                break
+            reads += 1
+            if reads == 4:
+                break
+        out, complete = _take(conn, tap, frame)
+        if complete:
+            return True, out
+        if out:
+            try:
+                sent = dsock.send(out)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                ds.client_gone = True
+                raise ClientGone() from None
+            if sent < len(out):
+                return False, out[sent:]
+        return AGAIN if reads == 4 else None
+
+    return step
+
+
+async def _relay_pumped(pump, conn, tap, frame, ds: Downstream, out: bytes, between_s: float) -> tuple[bytes, bool]:
+    """The rest of the body through the pump; returns (what is left to send, complete). Incomplete:
+    the upstream was silent for `between_s`. Raises UpstreamClosed / ClientGone."""
+    if out:
+        await ds.send_raw(out)
+    parked = pump.parking(conn.sock.fileno(), _step(conn, tap, frame, ds))
+    try:
+        while True:
+            with trio.move_on_at(parked.last + between_s) as silence:
+                complete, rest = await pump.park(parked)
+            if silence.cancelled_caught:
+                if trio.current_time() - parked.last >= between_s:
+                    return b"", False
+                continue  # data came meanwhile: the pump stamped it
+            if complete:
+                return rest, True
+            await ds.send_raw(rest)  # the client is slow: wait for it (write_s), then park again
+    finally:
+        pump.release(parked)
+
+
+async def _relay_waiting(conn, tap, frame, ds: Downstream, out: bytes, between_s: float) -> tuple[bytes, bool]:
+    """Without a pump: the relay waits on its own upstream socket."""
+    # One scope for the rest of the relay, only when we must wait; its deadline moves before
+    # each upstream read (between_chunks_s). A client that stops reading is bounded by write_s.
+    complete = False
+    with trio.CancelScope() as silence:
+        armed_at = -math.inf
+        rearm_s = min(REARM_S, between_s / 4)
+        while not complete:
+            if out:
+                await ds.send_raw(out)
+                out = b""
+            # Re-arm at most every rearm_s: the limit is then between between_s - rearm_s
+            # and between_s, and a stream of many events pays for few deadline changes.
+            now = trio.current_time()
+            if now - armed_at > rearm_s:
+                silence.deadline = now + between_s
+                armed_at = now
+            await conn.receive()
+            more, complete = _take(conn, tap, frame)
+            out += more
+    return out, complete
 
 
 async def relay_response(gw, ds: Downstream, ex: Exchange, tier, conn, response, extra_headers, tap, *,
@@ -106,24 +202,12 @@ async def relay_response(gw, ds: Downstream, ex: Exchange, tier, conn, response,
         more, complete = _take(conn, tap, frame)
         out += more
         if not complete:
-            # One scope for the rest of the relay, only when we must wait; its deadline moves before
-            # each upstream read (between_chunks_s). A client that stops reading is bounded by write_s.
-            with trio.CancelScope() as silence:
-                armed_at = -math.inf
-                rearm_s = min(REARM_S, between_s / 4)
-                while not complete:
-                    if out:
-                        await ds.send_raw(out)
-                        out = b""
-                    # Re-arm at most every rearm_s: the limit is then between between_s - rearm_s
-                    # and between_s, and a stream of many events pays for few deadline changes.
-                    now = trio.current_time()
-                    if now - armed_at > rearm_s:
-                        silence.deadline = now + between_s
-                        armed_at = now
-                    await conn.receive()
-                    more, complete = _take(conn, tap, frame)
-                    out += more
+            pending, out = out, b""  # sent first thing: never again on a failure's way out
+            pump = relay_pump()
+            if pump is None:
+                out, complete = await _relay_waiting(conn, tap, frame, ds, pending, between_s)
+            else:
+                out, complete = await _relay_pumped(pump, conn, tap, frame, ds, pending, between_s)
         if complete:
             if tap is not None:
                 rest = tap.finish()
