@@ -8,9 +8,14 @@ a trailer that would speak of framing (Content-Length, Transfer-Encoding: RFC 91
 h11 refuses the invalid ones, we refuse them all, as no reader may act on them after the body.
 CRLF only: a bare LF or CR is an error. It reads from the caller's bytearray (the bytes after the
 head), slices what it consumes off the front, and resumes line searches where the last call stopped,
-so bytes fed one at a time stay O(n). Errors are `ChunkError(status, message)`: 400, or 431 for
-trailers past the limit; the request reader turns them into its RequestError, the response reader
-into its ResponseError.
+so bytes fed one at a time stay O(n). The common case -- whole chunks already there, each a bare size
+line (1-16 hex digits and CRLF, looked for in its first 18 bytes), its data and CRLF -- is taken by
+index arithmetic in `take_whole` (the decoder stays at a chunk boundary; one slice per chunk, one `del`
+for the lot; the response reader also runs it on a read it has not buffered, whose slices are the data
+as bytes); anything else (a partial chunk, `;ext` or OWS, the last chunk and trailers, every error)
+goes to the state machine in the same call, and it holds every rule above. Errors are
+`ChunkError(status, message)`: 400, or 431 for trailers past the limit; the request reader turns them
+into its RequestError, the response reader into its ResponseError.
 """
 
 from __future__ import annotations
@@ -54,26 +59,50 @@ class ChunkedDecoder:
         self._scan = 0           # where the next search for a line end starts
         self._trailer_bytes = 0
 
+    def take_whole(self, buf: bytes | bytearray, out: list) -> int:
+        """The fast path, at a chunk boundary: append to `out` the data of each whole plain chunk at the
+        front of `buf` (`HEX{1,16}\\r\\n`, size > 0, its data and CRLF all there) -- slices of `buf`, so
+        bytearrays for a bytearray -- and return the bytes they take (0 if none, or not at a boundary).
+        It stops, without raising, at anything else (a partial chunk, an extension, OWS, the last chunk,
+        bad framing): that is the state machine's to accept or refuse, and each chunk taken here is one
+        it would accept as is. `buf` is not changed: `read` slices it, the response reader takes a read
+        that is not yet buffered (bytes) and buffers only what is left."""
+        if self._state != _SIZE:
+            return 0
+        n = len(buf)
+        pos = 0
+        while True:
+            nl = buf.find(b"\r\n", pos, pos + 18)  # 16 digits at most, then CRLF
+            if nl <= pos:
+                break
+            size_text = buf[pos:nl]
+            if size_text.translate(None, HEX):
+                break
+            start = nl + 2
+            end = start + int(size_text, 16)
+            if end == start or end + 2 > n or buf[end] != 13 or buf[end + 1] != 10:
+                break
+            out.append(buf[start:end])
+            pos = end + 2
+            if pos == n:
+                break
+        if pos:
+            self._scan = 0
+        return pos
+
     def read(self, buf: bytearray, eof: bool) -> bytes | None:
         """Body bytes available now (several chunks joined), b"" once complete, None if more bytes are
         needed. Raises ChunkError on bad framing, or on EOF before the end."""
-        out: list[bytes] = []
+        out: list = []
         while buf and not self.complete:
             state = self._state
-            if state == _DATA:
-                size = len(buf)
-                remaining = self._remaining
-                if size <= remaining:
-                    out.append(bytes(buf))
-                    buf.clear()
-                else:
-                    out.append(bytes(buf[:remaining]))
-                    del buf[:remaining]
-                    size = remaining
-                self._remaining = remaining = remaining - size
-                if not remaining:
-                    self._state = _CRLF
-            elif state == _SIZE:
+            if state == _SIZE:
+                used = self.take_whole(buf, out)
+                if used:
+                    if used == len(buf):
+                        buf.clear()
+                        break
+                    del buf[:used]
                 if buf[0] not in HEX_SET:
                     raise _bad("bad chunk size")
                 nl = buf.find(b"\r\n", self._scan)
@@ -87,6 +116,19 @@ class ChunkedDecoder:
                 self._size_line(bytes(buf[:nl]))
                 del buf[:nl + 2]
                 self._scan = 0
+            elif state == _DATA:
+                size = len(buf)
+                remaining = self._remaining
+                if size <= remaining:
+                    out.append(bytes(buf))
+                    buf.clear()
+                else:
+                    out.append(bytes(buf[:remaining]))
+                    del buf[:remaining]
+                    size = remaining
+                self._remaining = remaining = remaining - size
+                if not remaining:
+                    self._state = _CRLF
             elif state == _CRLF:
                 if buf[0] != 13 or (len(buf) > 1 and buf[1] != 10):
                     raise _bad("missing CRLF after chunk data")
@@ -116,7 +158,7 @@ class ChunkedDecoder:
                 del buf[:nl + 2]
                 self._scan = 0
         if out:
-            return out[0] if len(out) == 1 else b"".join(out)
+            return b"".join(out)  # bytes (the fast path's pieces are bytearrays); one bytes piece as is
         if self.complete:
             return b""
         if eof:

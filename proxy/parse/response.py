@@ -19,7 +19,12 @@ or hostile upstream must become a clean 502, never a relayed bad head, a hang or
   (valid HTTP) is refused; Content-Length 1*DIGIT of at most 18 digits, repeated or comma-listed
   values must be identical strings. No body for 1xx/204/304 (and HEAD, which we never send); else
   chunked; else Content-Length; else read until close (never reusable).
-- Chunked bodies: proxy/parse/chunked.py, the same strict decoder as the request side.
+- Chunked bodies: proxy/parse/chunked.py, the same strict decoder as the request side. The hot path of
+  a stream: a read that arrives while nothing is buffered is held as the `bytes` it came in, not copied
+  into the buffer; `read_body` takes the whole plain chunks at its front straight out of it
+  (`ChunkedDecoder.take_whole`: a chunk's data is one slice of the read, no bytearray round trip) and
+  only the rest -- a partial chunk, the last chunk, anything unusual -- goes into the buffer for the
+  state machine, in the same call: what each call returns or raises is what it was without the fast path.
 - keep-alive: HTTP/1.1 unless a `Connection` header lists `close`; HTTP/1.0 only with `keep-alive`
   (tokens of all Connection headers, case-insensitive).
 Anything else raises `ResponseError` (upstream/connection.py turns it into `UpstreamClosed`, which
@@ -39,6 +44,9 @@ MAX_CONTENT_LENGTH_DIGITS = 18  # as the request side: < 10**18 bytes, and int()
 # A CRLF in a head not followed by `token:` -- obs-fold, no colon, whitespace before the colon.
 _FRAMING = frozenset((b"content-length", b"transfer-encoding", b"connection"))
 _VERSIONS = {b"HTTP/1.1": b"1.1", b"HTTP/1.0": b"1.0"}
+
+# body states
+_CL, _CHUNKED, _UNTIL_CLOSE, _DONE = range(4)
 
 
 class ResponseError(Exception):
@@ -138,18 +146,16 @@ def parse_head(block: bytes) -> ResponseHead:
 class ResponseReader:
     """Incremental reader of one response at a time on a keep-alive connection."""
 
-    __slots__ = ("_chunked", "_lf_scan", "_line_checked", "_remaining", "_scan", "_state", "buf", "complete",
-                 "eof", "head")
-
-    # body states
-    _CL, _CHUNKED, _UNTIL_CLOSE, _DONE = range(4)
+    __slots__ = ("_chunked", "_fresh", "_lf_scan", "_line_checked", "_remaining", "_scan", "_state", "buf",
+                 "complete", "eof", "head")
 
     def __init__(self) -> None:
         self.buf = bytearray()
+        self._fresh: bytes | None = None  # chunked body: a read not yet decoded, the buffer empty before it
         self.head: ResponseHead | None = None
         self._remaining = 0
         self._chunked: ChunkedDecoder | None = None
-        self._state = self._DONE
+        self._state = _DONE
         self._scan = 0             # where the next search for the head's end starts
         self._lf_scan = 0          # incomplete head: LFs before this offset are checked
         self._line_checked = False  # incomplete head: its status line is checked
@@ -160,12 +166,18 @@ class ResponseReader:
         """Ready for the next response on the same connection (leftover bytes mean a confused peer)."""
         self.head = None
         self.complete = False
-        self._state = self._DONE
+        self._state = _DONE
         self._scan = self._lf_scan = 0
         self._line_checked = False
 
     def feed(self, data: bytes) -> None:
         if data:
+            if self._fresh is not None:
+                self.buf += self._fresh
+                self._fresh = None
+            elif self._state == _CHUNKED and not self.buf:
+                self._fresh = data  # read_body decodes it in place
+                return
             self.buf += data
         else:
             self.eof = True
@@ -188,17 +200,17 @@ class ResponseReader:
                 continue  # informational (100, 103): skip
             self.head = head
             if head.chunked:
-                self._state = self._CHUNKED
+                self._state = _CHUNKED
                 self._chunked = ChunkedDecoder(MAX_HEAD)
             elif head.content_length is not None:
                 self._remaining = head.content_length
-                self._state = self._CL
+                self._state = _CL
             else:
-                self._state = self._UNTIL_CLOSE
+                self._state = _UNTIL_CLOSE
                 head.keep_alive = False
-            self.complete = self._state == self._CL and self._remaining == 0
+            self.complete = self._state == _CL and self._remaining == 0
             if self.complete:
-                self._state = self._DONE
+                self._state = _DONE
             return head
 
     def _incomplete_head(self) -> None:
@@ -228,41 +240,58 @@ class ResponseReader:
     def read_body(self) -> bytes | None:
         """Body bytes available now (b"" once complete); None if more must be read from the socket.
         Raises ResponseError on bad framing or a premature close."""
-        buf = self.buf
         state = self._state
-        if state == self._CL:
+        if state == _CHUNKED:
+            fresh = self._fresh
+            if fresh is not None:
+                self._fresh = None
+                out: list[bytes] = []
+                used = self._chunked.take_whole(fresh, out)
+                if used == len(fresh):
+                    return out[0] if len(out) == 1 else b"".join(out)
+                self.buf += fresh[used:] if used else fresh
+                if out:
+                    # The rest in the same call, as `ChunkedDecoder.read` would have it: one piece per call,
+                    # and an EOF that comes after whole chunks is for the next call to report.
+                    rest = self._read_chunked(False)
+                    if rest:
+                        out.append(rest)
+                    return out[0] if len(out) == 1 else b"".join(out)
+            elif not self.buf and not self.eof:
+                return None  # what the decoder would say: nothing buffered, not complete, no EOF
+            return self._read_chunked(self.eof)
+        buf = self.buf
+        if state == _CL:
             if buf:
                 n = min(len(buf), self._remaining)
                 data = bytes(buf[:n])
                 del buf[:n]
                 self._remaining -= n
                 if self._remaining == 0:
-                    self._state = self._DONE
+                    self._state = _DONE
                     self.complete = True
                 return data
             if self.eof:
                 raise ResponseError("connection closed mid-body")
             return None
-        if state == self._UNTIL_CLOSE:
+        if state == _UNTIL_CLOSE:
             if buf:
                 data = bytes(buf)
                 buf.clear()
                 return data
             if self.eof:
-                self._state = self._DONE
+                self._state = _DONE
                 self.complete = True
                 return b""
             return None
-        if state == self._DONE:
-            return b""
-        return self._read_chunked()
+        return b""  # _DONE
 
-    def _read_chunked(self) -> bytes | None:
+    def _read_chunked(self, eof: bool) -> bytes | None:
         try:
-            data = self._chunked.read(self.buf, self.eof)
+            data = self._chunked.read(self.buf, eof)
         except ChunkError as exc:
             raise ResponseError(exc.message) from None
         if self._chunked.complete:
-            self._state = self._DONE
+            self._state = _DONE
             self.complete = True
         return data

@@ -14,9 +14,13 @@ body_usage.py's).
   ``usage`` object in ordinary chunks; the tap still reads only the ``choices: []`` event.
 * The tap works line by line on arbitrary split points. A line is classified as soon as its first bytes
   allow: not a ``data:`` line, or a data line whose ``"choices"`` array starts with anything but ``]``,
-  is ordinary and flows straight through. Only an undecided partial data line (its bytes before
-  ``"choices":[`` -- vLLM puts ``id``, ``object``, ``created``, ``model`` first, ~100 bytes) or a candidate
-  line (``"choices":[]``) is held back, and only when stripping. A candidate is decoded once, when
+  is ordinary and flows straight through. The common line, whole in its piece, is decided by a few byte
+  comparisons, no regex: it starts ``data: {`` and its first ``"choices"`` (any match of the pattern
+  starts at one) is followed by ``:[`` and a byte other than ``]`` or whitespace -- ordinary, counted
+  (a piece that is exactly one such event returns before the line loop); every other line takes the
+  regex, so only what can be the usage event is ever decoded. Only an undecided partial data line (its
+  bytes before ``"choices":[`` -- vLLM puts ``id``, ``object``, ``created``, ``model`` first, ~100 bytes) or
+  a candidate line (``"choices":[]``) is held back, and only when stripping. A candidate is decoded once, when
   complete; if it is the usage event, it and the blank line ending the event are dropped. Each input byte
   is examined a bounded number of times (a 64-byte probe window carries matches across split points), so
   `feed` is O(len(data)); when nothing is held or dropped it returns its argument itself, no copy.
@@ -95,6 +99,15 @@ class SseUsageTap:
 
     def feed(self, data: bytes) -> bytes:
         """Consume one upstream piece; return what the client should get for it."""
+        if (self._state == _START and self._pending is None and data.startswith(b"data: {")
+                and data.find(b"\n") == len(data) - 2 and data[-1] == 10):
+            # The common piece, one whole event (`data: {...}\n\n`): if ordinary, decided at once (see below).
+            k = data.find(b'"choices"')  # in the line: nothing but its newlines follows it
+            if k >= 0 and data[k + 9] == 58 and data[k + 10] == 91:  # `:[`, both before the newlines
+                c = data[k + 11]
+                if c > 32 and c != 93:
+                    self.events += 1
+                    return data
         n = len(data)
         if not n:
             return data
@@ -132,6 +145,19 @@ class SseUsageTap:
             state = self._state
             if state == _START and complete:
                 # The common case: a whole line in this piece.
+                if data.startswith(b"data: {", i):
+                    # An ordinary chunk, decided by a few comparisons: the line's first "choices" (any match
+                    # of _CHOICES starts at one) is followed by `:[` and a byte that is neither `]` nor
+                    # whitespace. Anything else takes the regex below, which is exact.
+                    k = find(b'"choices"', i, nl)
+                    if k >= 0 and data[k + 9] == 58 and data[k + 10] == 91:  # each index <= nl in turn
+                        c = data[k + 11]
+                        if c > 32 and c != 93:
+                            self.events += 1
+                            i = end
+                            if i < n and data[i] == 10:
+                                i += 1  # the blank line ending the event: nothing to do at a line start
+                            continue
                 if data.startswith(b"data:", i):
                     m = _CHOICES.search(data, i, end)
                     if m is not None and m.group(1) == b"]":
