@@ -28,8 +28,15 @@ import select
 
 import outcome
 import trio
-from trio.lowlevel import Abort, RunVar, current_task, reschedule, spawn_system_task, wait_readable
-from trio.lowlevel import wait_task_rescheduled
+from trio.lowlevel import (
+    Abort,
+    RunVar,
+    current_task,
+    reschedule,
+    spawn_system_task,
+    wait_readable,
+    wait_task_rescheduled,
+)
 
 AGAIN = object()  # a step's "more may be buffered: run me again soon"; park's "no pump: wait yourself"
 HAS_EPOLL = hasattr(select, "epoll")
@@ -93,7 +100,7 @@ class Pump:
         p.last = now
         try:
             result = p.step()
-        except Exception as exc:  # the stream's own failure: its relay task handles it
+        except Exception as exc:  # noqa: BLE001 -- the stream's own failure: its relay task handles it
             task, p.task = p.task, None
             reschedule(task, outcome.Error(exc))
             return
