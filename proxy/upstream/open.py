@@ -8,7 +8,7 @@ Every upstream that refused or reset is reported to the tier's waker, which take
 and re-probes it. Outcomes: (connection, response head); or 503 `upstream_unavailable` (nothing
 reachable: retryable), 502 (an upstream took the request and hung up, or its health record found it
 silent or stalled while we waited: not retried, it may have started generating), 504 (first byte too
-slow).
+slow: an alarm (proxy/alarms.py) shuts the socket down at the deadline, no cancel scope per request).
 Health: with the tier's health record (backends/health.py), the exchange registers a `Watch` for as
 long as it waits on the upstream -- a set add and discard, no task. A sick verdict shuts the upstream
 socket down, so the waiting read sees EOF at once; `watch.killed` tells that EOF from a real one. A
@@ -30,6 +30,7 @@ import trio
 
 from backends.health import Verdict
 from proxy import errors
+from proxy.alarms import alarms
 from proxy.exchange import Exchange
 from proxy.observe import logs
 from proxy.upstream.connection import UpstreamClosed, UpstreamProtocolError, encode_request
@@ -84,12 +85,17 @@ class Watch:
         self.reason = ("it stopped making progress (generation tokens frozen with requests running)"
                        if record is not None and record.verdict is Verdict.STALLED
                        else "it stopped answering its health checks")
-        sock = self.sock
-        if sock is not None and sock.fileno() >= 0:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        if self.sock is not None:
+            _shut(self.sock)
+
+
+def _shut(sock: socket.socket) -> None:
+    """Wake whoever reads `sock` with EOF (the first-byte alarm, a health verdict); its owner says why."""
+    if sock.fileno() >= 0:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
 
 def report_unreachable(tier, url: str) -> None:
@@ -105,6 +111,7 @@ async def open_upstream(gw, ex: Exchange, tier, request, body: bytes, watch: Wat
     it stays registered with the chosen upstream's health record after the head (the caller disarms)."""
     cfg = gw.runtime.config.upstream
     pool = gw.pool
+    first_byte = alarms()
     trusted = gw.runtime.trusted_proxies
     target = request.target
     saw_connect_error = saw_reset = False
@@ -135,9 +142,16 @@ async def open_upstream(gw, ex: Exchange, tier, request, body: bytes, watch: Wat
                 try:
                     ex.t_upstream = time.perf_counter()
                     await conn.send_request(head, body)
-                    with trio.CancelScope(deadline=trio.current_time() + cfg.first_byte_s) as first_byte:
+                    alarm = first_byte.set(cfg.first_byte_s, _shut, conn.sock)
+                    try:
                         event = await conn.read_head()
-                    if first_byte.cancelled_caught:
+                    except UpstreamClosed:
+                        if alarm.fired:  # our own shutdown at the deadline
+                            raise trio.TooSlowError from None
+                        raise
+                    finally:
+                        first_byte.clear(alarm)
+                    if alarm.fired:  # the head came as the deadline passed: the socket is shut anyway
                         raise trio.TooSlowError
                 except BaseException:  # whatever went wrong: this connection and this watch are done
                     pool.discard(conn)
