@@ -12,7 +12,9 @@ touches only what is due; an alarm set earlier than the task's wake-up (a reload
 moves the wake-up and marks the set unordered, so the next wake-ups scan it all until it empties.
 The task's deadline changes only then, or when the first alarm after an empty spell is earlier than the
 stale wake-up left over (which is otherwise harmless: the task looks and sleeps again). Precision is
-trio's own: the alarm fires when a cancel scope with the same deadline would have.
+trio's own: the alarm fires when a cancel scope with the same deadline would have. Users: the
+upstream's first byte (upstream/open.py) and a client connection's keep-alive idle and request head
+phases (accept/downstream.py: the alarm cancels the connection's scope, as its deadline did).
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ from proxy.observe import logs
 
 
 class Alarm:
-    __slots__ = ("arg", "deadline", "fire", "fired", "key")
+    __slots__ = ("arg", "deadline", "fire", "fired", "key", "owner")
 
-    def __init__(self, deadline: float, fire, arg, key: int) -> None:
+    def __init__(self, deadline: float, fire, arg, key: int, owner: Alarms) -> None:
+        self.owner = owner  # the Alarms it was set on (clear it there)
         self.deadline = deadline
         self.fire = fire  # fire(arg), called once at the deadline unless cleared first
         self.arg = arg
@@ -48,7 +51,7 @@ class Alarms:
         """`fire(arg)` in `delay_s` seconds, unless `clear`ed first."""
         deadline = trio.current_time() + delay_s
         self._seq += 1
-        alarm = Alarm(deadline, fire, arg, self._seq)
+        alarm = Alarm(deadline, fire, arg, self._seq, self)
         self._pending[alarm.key] = alarm
         if deadline < self._last:
             self._ordered = False
@@ -104,13 +107,22 @@ class Alarms:
             sleep = self._sleep = trio.CancelScope(deadline=self._due(trio.current_time()))
 
 
-_ALARMS: RunVar[Alarms | None] = RunVar("spotinference_alarms", default=None)
+_ALARMS: RunVar[dict[str, Alarms] | None] = RunVar("spotinference_alarms", default=None)
 
 
-def alarms() -> Alarms:
-    """This trio run's alarms (made on first use)."""
-    a = _ALARMS.get()
+def alarms(kind: str = "first_byte") -> Alarms:
+    """This trio run's alarms of one `kind` (made on first use). One kind per delay -- a connection's
+    keep-alive idle, its request head, an upstream's first byte -- keeps each set in deadline order."""
+    by_kind = _ALARMS.get()
+    if by_kind is None:
+        by_kind = {}
+        _ALARMS.set(by_kind)
+    a = by_kind.get(kind)
     if a is None:
-        a = Alarms()
-        _ALARMS.set(a)
+        a = by_kind[kind] = Alarms()
     return a
+
+
+def cancel_scope(scope: trio.CancelScope) -> None:
+    """An alarm's callback: cancel `scope` (a phase timeout of a connection)."""
+    scope.cancel()

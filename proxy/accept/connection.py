@@ -69,5 +69,6 @@ async def serve_connection(sock: socket.socket, client: str, gw) -> None:
             with trio.CancelScope(deadline=trio.current_time() + 1.0):
                 await _send_protocol_error(ds, 408, f"Timed out reading the request {ds.phase}.")
     finally:
+        ds.stop_phase_timer()
         gw.connection_closed(ds)
         sockio.close(sock)

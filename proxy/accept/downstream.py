@@ -4,10 +4,12 @@ Strategy: `Downstream` owns the raw non-blocking socket (sockio.py) and a sans-I
 (parse/request.py); handlers call `read_body`, `send_response`, `send_error`, or -- for a relayed
 stream -- `response_head`, `frame` and `end` to build the exact bytes and `send_raw` to write them
 (we know exactly what we send, so responses are framed here, not by a library).
-Per-phase timeouts share ONE cancel scope per connection (`scope`, owned by connection.py) whose
-deadline moves with `phase`: keep-alive idle until the first byte of a head (IDLE), then the request
-head (HEAD), then the request body (BODY, only while we actually wait for it); none while a handler
-runs (BUSY: the upstream path has its own). One deadline store per phase instead of a scope per read.
+Per-phase timeouts share ONE cancel scope per connection (`scope`, owned by connection.py), cancelled
+when the phase's time is up: keep-alive idle until the first byte of a head (IDLE), then the request
+head (HEAD) -- both by an alarm (proxy/alarms.py: a dict entry set and cleared per request, where two
+deadline changes of the scope cost several times as much) -- then the request body (BODY, the scope's
+own deadline, only while we actually wait for it); none while a handler runs (BUSY: the upstream path
+has its own).
 The body's deadline is a minimum rate, as Apache's mod_reqtimeout MinRate: `body_grace_s` plus one
 second per `min_body_rate_bytes_s` bytes received so far, never past `request_body_s` -- a trickle is
 cut (408) soon after the grace, a slow but steady upload is not. It moves only when a read must wait.
@@ -22,6 +24,7 @@ import socket
 import trio
 
 from proxy import errors, sockio
+from proxy.alarms import alarms, cancel_scope
 from proxy.parse.request import RequestError, RequestReader
 from proxy.sockio import BrokenPipe
 
@@ -40,6 +43,7 @@ class ClientGone(Exception):
 
 class Downstream:
     __slots__ = (
+        "alarm",
         "busy_since",
         "chunked",
         "client",
@@ -66,6 +70,7 @@ class Downstream:
         self.limits = gw.runtime.config.server
         self.reader = RequestReader(max_head_bytes=self.limits.max_head_bytes)
         self.scope: trio.CancelScope | None = None
+        self.alarm = None  # the IDLE or HEAD phase's alarm while one runs
         self.phase = IDLE
         self.started = False      # response head sent for the current request
         self.chunked = False      # current response framed with chunked encoding
@@ -77,8 +82,16 @@ class Downstream:
         self.cors: list | None = None  # CORS headers for the current request's response (admit/cors.py)
 
     def _enter(self, phase: str, seconds: float) -> None:
+        if self.alarm is not None:
+            self.alarm.owner.clear(self.alarm)
         self.phase = phase
-        self.scope.deadline = trio.current_time() + seconds
+        self.alarm = alarms(phase).set(seconds, cancel_scope, self.scope)
+
+    def stop_phase_timer(self) -> None:
+        """No IDLE/HEAD timeout any more (the request is read, or the connection ends)."""
+        if self.alarm is not None:
+            self.alarm.owner.clear(self.alarm)
+            self.alarm = None
 
     async def _receive(self) -> bool:
         data = await sockio.recv(self.sock)
@@ -103,9 +116,9 @@ class Downstream:
                     self._enter(HEAD, limits.request_head_s)
                 await self._receive()
                 continue
+            self.stop_phase_timer()
             self.phase = BUSY
             self.busy_since = trio.current_time()
-            self.scope.deadline = math.inf
             self.started = False
             self.http11 = head.http_version == b"1.1"
             self.head_only = head.method == b"HEAD"

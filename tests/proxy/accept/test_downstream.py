@@ -100,10 +100,10 @@ async def test_deadline_is_keepalive_idle_until_the_first_byte_then_the_head_tim
 
         async def client_side():
             await trio.testing.wait_all_tasks_blocked()
-            seen.append((ds.phase, ds.scope.deadline - trio.current_time()))
+            seen.append((ds.phase, ds.alarm.deadline - trio.current_time()))
             client.send(b"GET /a HTTP/1.1\r\n")
             await trio.testing.wait_all_tasks_blocked()
-            seen.append((ds.phase, ds.scope.deadline - trio.current_time()))
+            seen.append((ds.phase, ds.alarm.deadline - trio.current_time()))
             client.send(b"Host: x\r\n\r\n")
 
         async with trio.open_nursery() as nursery:
