@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import socket
 import sys
-import tempfile
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -108,9 +107,7 @@ async def serve(port: int, upstream_port: int) -> None:
 def measure(rounds: int, workdir: Path | None = None) -> dict[str, dict]:
     """Start a zero-latency sim, the floor proxy and a gateway in front of it; measure both."""
     with ExitStack() as stack:
-        if workdir is None:
-            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="spotinference-floor-")))
-        workdir.mkdir(parents=True, exist_ok=True)
+        workdir = procs.work_dir(stack, workdir, "spotinference-floor-")
         sim = procs.launch("sim", procs.sim_argv(latency_ms=0.0, ttft_ms=0.0, tokens_per_s=0.0), workdir)
         stack.callback(sim.stop)
         procs.wait_ready(sim)

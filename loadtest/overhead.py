@@ -43,7 +43,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -143,11 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     meta["nofile"] = nofile
     pin = pin_split(procs.usable_cpus()) if args.pin else None
     with ExitStack() as stack:
-        if args.workdir:
-            args.workdir.mkdir(parents=True, exist_ok=True)
-            workdir = args.workdir
-        else:
-            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="spotinference-bench-")))
+        workdir = procs.work_dir(stack, args.workdir, "spotinference-bench-")
         try:
             # The shared-core rig has its own stack: every process of it is gone before a pinned one starts.
             with ExitStack() as rig_stack:

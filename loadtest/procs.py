@@ -34,6 +34,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -133,6 +134,15 @@ class Proc:
 def _killpg(pgid: int, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
+
+
+def work_dir(stack: contextlib.ExitStack, given: Path | None, prefix: str) -> Path:
+    """The run's folder for configs and process logs: `given` (made if missing; kept afterwards), or a
+    temporary one removed when `stack` closes."""
+    if given is not None:
+        given.mkdir(parents=True, exist_ok=True)
+        return given
+    return Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=prefix)))
 
 
 def launch(name: str, argv: list[str], workdir: Path, env: dict[str, str] | None = None,

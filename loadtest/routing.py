@@ -31,7 +31,6 @@ import json
 import os
 import shlex
 import sys
-import tempfile
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -187,11 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     status = 0
     with ExitStack() as stack:
-        if args.workdir:
-            args.workdir.mkdir(parents=True, exist_ok=True)
-            workdir = args.workdir
-        else:
-            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="spotinference-routing-")))
+        workdir = procs.work_dir(stack, args.workdir, "spotinference-routing-")
         err.print(f"{len(routers)} routers x {len(convs)} conversations; processes and logs in {workdir}")
         for router in routers:
             try:

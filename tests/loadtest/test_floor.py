@@ -7,23 +7,17 @@ themselves are never compared with a threshold.
 
 from __future__ import annotations
 
-import os
 import re
-import signal
 import sys
 
 from loadtest import procs
-from tests.support.processes import run_to_end
+from tests.support.processes import run_harness
 
 
 def test_floor_and_gateway_are_measured_side_by_side(tmp_path):
     workdir = tmp_path / "work"
-    try:
-        done = run_to_end([sys.executable, "-m", "loadtest.floor", "--rounds", "1", "--workdir", str(workdir)],
-                          tmp_path, "floor", timeout=120)
-    finally:
-        for pid in procs.marked_pids(workdir):
-            os.kill(pid, signal.SIGKILL)
+    done = run_harness([sys.executable, "-m", "loadtest.floor", "--rounds", "1", "--workdir", str(workdir)],
+                       tmp_path, workdir, timeout=120)
     out = done.stdout()
     assert done.returncode == 0, out + done.stderr()
     for name in ("floor", "gateway"):

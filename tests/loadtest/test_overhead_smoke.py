@@ -10,12 +10,10 @@ Afterwards no process started by the run may survive (they carry a marker in the
 from __future__ import annotations
 
 import json
-import os
-import signal
 import sys
 
 from loadtest import procs
-from tests.support.processes import Proc, run_to_end
+from tests.support.processes import Proc, run_harness
 
 RUN_TIMEOUT_S = 300
 
@@ -28,11 +26,7 @@ def run_quick(tmp_path, *extra: str) -> tuple[Proc, dict | None]:
     workdir = tmp_path / "work"
     argv = [sys.executable, "-m", "proxy", "bench", "overhead", "--quick", *extra, "--json", str(out),
             "--workdir", str(workdir)]
-    try:
-        done = run_to_end(argv, tmp_path, "bench", timeout=RUN_TIMEOUT_S)
-    finally:
-        for pid in procs.marked_pids(workdir):  # children die with the harness; make sure of it
-            os.kill(pid, signal.SIGKILL)
+    done = run_harness(argv, tmp_path, workdir, timeout=RUN_TIMEOUT_S)
     return done, (json.loads(out.read_text()) if out.exists() else None)
 
 

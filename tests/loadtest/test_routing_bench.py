@@ -11,8 +11,6 @@ their environment). The workload generator and the peer command template are che
 from __future__ import annotations
 
 import json
-import os
-import signal
 import sys
 
 import pytest
@@ -21,7 +19,7 @@ from loadtest import procs
 from loadtest.routing import POLICIES
 from loadtest.routing_rig import parse_peer, peer_argv
 from loadtest.routing_workload import WorkloadSpec, build, messages, request_body
-from tests.support.processes import run_to_end
+from tests.support.processes import run_harness
 
 RUN_TIMEOUT_S = 240
 
@@ -31,11 +29,7 @@ def test_quick_mode_runs_clean_and_accounts_for_every_request(tmp_path):
     workdir = tmp_path / "work"
     argv = [sys.executable, "-m", "proxy", "bench", "routing", "--quick", "--json", str(out),
             "--workdir", str(workdir)]
-    try:
-        done = run_to_end(argv, tmp_path, "bench", timeout=RUN_TIMEOUT_S)
-    finally:
-        for pid in procs.marked_pids(workdir):  # children die with the harness; make sure of it
-            os.kill(pid, signal.SIGKILL)
+    done = run_harness(argv, tmp_path, workdir, timeout=RUN_TIMEOUT_S)
     assert done.returncode == 0, done.logs()
     assert procs.marked_pids(workdir) == [], "a process of the run outlived it"
     assert "spotinference bench routing" in done.stdout() and "errors: 0" in done.stdout()

@@ -216,3 +216,16 @@ def run_to_end(argv: list[str], log_dir: Path, name: str | None = None, *, timeo
     finally:
         proc.close(timeout=5.0)
     return proc
+
+
+def run_harness(argv: list[str], log_dir: Path, workdir: Path, *, timeout: float) -> Proc:
+    """A load-test harness (`bench ...`, `python -m loadtest.floor`) run to completion with `run_to_end`;
+    then every process it started under `workdir` (loadtest/procs.py marks them) is killed for sure,
+    so a failing run leaves nothing behind. The caller asserts none was left: that is the check."""
+    from loadtest import procs
+
+    try:
+        return run_to_end(argv, log_dir, "bench", timeout=timeout)
+    finally:
+        for pid in procs.marked_pids(workdir):  # children die with the harness; make sure of it
+            os.kill(pid, signal.SIGKILL)
