@@ -68,9 +68,18 @@ class Watch:
         self.record = None
         self.sock: socket.socket | None = None
 
-    def arm(self, record, sock: socket.socket) -> None:
-        self.record, self.sock, self.killed = record, sock, False
+    def arm(self, record) -> None:
+        """Count this exchange in `record`'s in-flight set from the moment it is routed there, before
+        any await: the next request's choice (routing/policy.py) sees it, even in a burst that has to
+        open new connections."""
+        self.record, self.sock, self.killed = record, None, False
         record.enter(self)  # may call cancel() at once: the upstream is already sick
+
+    def attach(self, sock: socket.socket) -> None:
+        """The connection it waits on: what a sick verdict shuts (at once if it came meanwhile)."""
+        self.sock = sock
+        if self.killed:
+            _shut(sock)
 
     def disarm(self) -> None:
         record = self.record
@@ -126,18 +135,24 @@ async def open_upstream(gw, ex: Exchange, tier, request, body: bytes, watch: Wat
         if record is not None and watch is None:
             watch = Watch()
         for attempt in range(2):
+            if record is not None:
+                watch.arm(record)  # synchronous with the choice: counted before the first await
             conn = pool.take_idle(address) if attempt == 0 else None
             reused = conn is not None
             if conn is None:
                 try:
                     with trio.fail_after(cfg.connect_s):
                         conn = await pool.connect(address)
-                except (OSError, trio.TooSlowError):
+                except BaseException as exc:
+                    if record is not None:
+                        watch.disarm()
+                    if not isinstance(exc, (OSError, trio.TooSlowError)):
+                        raise
                     saw_connect_error = True
                     report_unreachable(tier, url)
                     break
             if record is not None:
-                watch.arm(record, conn.sock)
+                watch.attach(conn.sock)
             try:
                 try:
                     ex.t_upstream = time.perf_counter()

@@ -80,21 +80,45 @@ async def test_under_concurrency_the_load_bound_holds(nursery) -> None:
 async def test_a_slow_host_gets_less_work_under_least_loaded(nursery) -> None:
     with trio.fail_after(60):
         fast = [await start_sim(nursery, tokens_per_s=400.0, **TOOLING) for _ in range(2)]
-        slow = await start_sim(nursery, tokens_per_s=20.0, **TOOLING)
+        slow = await start_sim(nursery, tokens_per_s=5.0, **TOOLING)
         sims = [*fast, slow]
         gw = await start_gateway(nursery, make_config([u for _, u in sims], routing="least_loaded"))
+        sent = [0]
         async with httpx.AsyncClient(timeout=60) as http:
+            until = trio.current_time() + 1.5  # a steady run, not one that ends on a tail of stragglers
 
             async def worker(n: int) -> None:
-                for i in range(6):
-                    assert await post(http, gw.url, turn_body(n * 100 + i, 0, max_tokens=20)) == 200
+                for i in range(200):
+                    if trio.current_time() > until:
+                        return
+                    assert await post(http, gw.url, turn_body(n * 1000 + i, 0, max_tokens=20)) == 200
+                    sent[0] += 1
 
             async with trio.open_nursery() as clients:
                 for n in range(6):
                     clients.start_soon(worker, n)
         done = [s.statistics().finished_total for s, _ in sims]
-        assert sum(done) == 36
-        assert done[2] < min(done[:2]) / 2, done  # the slow host took far fewer
+        assert sum(done) == sent[0]
+        assert done[2] * 4 < min(done[:2]), done  # the slow host took far fewer (round robin: a third each)
+
+
+async def test_a_burst_on_cold_connections_spreads_evenly_under_least_loaded(nursery) -> None:
+    # Nine requests at once, no idle connection to any host: each is counted on its host when it is
+    # routed, before it waits for its connect, so the next one's choice sees it -- three per host.
+    with trio.fail_after(60):
+        sims = [await start_sim(nursery, tokens_per_s=2.0, **TOOLING) for _ in range(3)]
+        gw = await start_gateway(nursery, make_config([u for _, u in sims], routing="least_loaded"))
+        async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=20)) as http:
+            statuses: list[int] = []
+
+            async def one(n: int) -> None:
+                statuses.append(await post(http, gw.url, turn_body(n, 0, max_tokens=4)))
+
+            async with trio.open_nursery() as clients:
+                for n in range(9):
+                    clients.start_soon(one, n)
+        assert statuses == [200] * 9
+        assert [s.statistics().finished_total for s, _ in sims] == [3, 3, 3]
 
 
 async def test_a_host_that_dies_mid_run_loses_no_request_that_had_not_reached_it(nursery) -> None:
