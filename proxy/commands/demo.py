@@ -74,8 +74,23 @@ def main(argv: list[str]) -> int:
             from proxy.commands import usage
 
             print("\n  spotinference usage --cost   (GPU time x EC2's spot price, shared by tokens)")
-            usage.main(["--db", os.path.join(workdir, "usage.sqlite3"), "--cost"])
+            db = os.path.join(workdir, "usage.sqlite3")
+            usage.main(["--db", db, "--cost"])
+            print(_price_line(db))
         return code
+
+
+def _price_line(db: str) -> str:
+    """The hourly price the demo's GPU time was charged at, and why it is tiny."""
+    import sqlite3
+
+    with sqlite3.connect(db) as conn:
+        usd, seconds, source = conn.execute(
+            "SELECT SUM(usd), SUM(seconds), MAX(price_source) FROM gpu_time").fetchone()
+    if not seconds:
+        return "  price: no GPU time recorded"
+    return (f"  price: ${usd / seconds * 3600:.6g}/h ({source}): moto's spot price history answers every query with "
+            "$0.00001/h, hence the tiny figures; against EC2 it is the zone's real spot price")
 
 
 async def _demo(args: argparse.Namespace, aws_url: str, workdir: str) -> int:

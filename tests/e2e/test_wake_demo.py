@@ -25,6 +25,7 @@ def test_demo_prints_a_wake_timeline() -> None:
     cost = out[out.index("spotinference usage --cost"):]
     assert re.search(r"alice\s.*\s2\s", cost) and re.search(r"bob\s.*\s1\s", cost), cost
     assert "cost: tier gpu:" in cost and "GPU host-hours" in cost
+    assert "price: $1e-05/h (spot:us-east-1a)" in cost, cost  # the price the GPU time was charged at
 
 
 def test_demo_rejects_bad_arguments() -> None:
