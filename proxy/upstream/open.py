@@ -9,8 +9,10 @@ and re-probes it. Outcomes: (connection, response head); or 503 `upstream_unavai
 reachable: retryable), 502 (an upstream took the request and hung up, or its health record found it
 silent or stalled while we waited: not retried, it may have started generating), 504 (first byte too
 slow: an alarm (proxy/alarms.py) shuts the socket down at the deadline, no cancel scope per request).
-Health: with the tier's health record (backends/health.py), the exchange registers a `Watch` for as
-long as it waits on the upstream -- a set add and discard, no task. A sick verdict shuts the upstream
+Health: with the tier's health record (backends/health.py), the exchange registers a `Watch` from
+the moment it is routed to the upstream (before its connect: the record's in-flight set is the load
+the routing policy reads, so a burst sees its own requests) for as long as it waits on it -- a set
+add and discard, no task. A sick verdict shuts the upstream
 socket down, so the waiting read sees EOF at once; `watch.killed` tells that EOF from a real one. A
 caller that passes its own `watch` keeps it registered past the head, for the relay (which disarms it).
 A `Pin` names the one upstream ("host:port") that holds a stored response: strict (a retrieve or
